@@ -1,0 +1,66 @@
+"""dbevents: capture database changes, deliver them as CloudEvents webhooks.
+
+The public API for plugins is what this module and ``dbevents.testing`` export.
+"""
+
+from dbevents.errors import (
+    ConfigError,
+    DbeventsError,
+    PluginError,
+    SetupError,
+    SourceUnavailable,
+    StoreUnavailable,
+)
+from dbevents.hookspecs import hookimpl
+from dbevents.protocols import (
+    EventFilter,
+    Matcher,
+    Sink,
+    Source,
+    SourceSettings,
+    Store,
+    StoreSettings,
+    TriggerStats,
+)
+from dbevents.values import (
+    DEFAULT_OPERATIONS,
+    Attempt,
+    Change,
+    ChangeBatch,
+    Event,
+    Finish,
+    Operation,
+    Outcome,
+    Position,
+    Status,
+    Trigger,
+)
+
+__all__ = [
+    "DEFAULT_OPERATIONS",
+    "Attempt",
+    "Change",
+    "ChangeBatch",
+    "ConfigError",
+    "DbeventsError",
+    "Event",
+    "EventFilter",
+    "Finish",
+    "Matcher",
+    "Operation",
+    "Outcome",
+    "PluginError",
+    "Position",
+    "SetupError",
+    "Sink",
+    "Source",
+    "SourceSettings",
+    "SourceUnavailable",
+    "Status",
+    "Store",
+    "StoreSettings",
+    "StoreUnavailable",
+    "Trigger",
+    "TriggerStats",
+    "hookimpl",
+]

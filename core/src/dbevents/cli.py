@@ -1,0 +1,331 @@
+"""The `dbevents` launcher."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, TypeVar
+
+import click
+import structlog
+
+from dbevents import config as config_mod
+from dbevents import logs
+from dbevents import plugins as plugins_mod
+from dbevents.durations import parse_duration
+from dbevents.engine import Engine, make_store
+from dbevents.errors import DbeventsError
+from dbevents.masking import mask_dsn, mask_url
+from dbevents.protocols import EventFilter, Store
+from dbevents.values import Status
+
+T = TypeVar("T")
+log = structlog.get_logger("dbevents.cli")
+
+
+def _version() -> str:
+    try:
+        return version("dbevents")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class State:
+    def __init__(self, config_path: str | None, plugins: plugins_mod.Plugins) -> None:
+        self.config_path = config_mod.config_path(config_path)
+        self.plugins = plugins
+        self._config: config_mod.Config | None = None
+
+    @property
+    def config(self) -> config_mod.Config:
+        if self._config is None:
+            self._config = config_mod.load(self.config_path, self.plugins)
+        return self._config
+
+    def store(self, role: str = "admin") -> Store:
+        cfg = self.config
+        return make_store(cfg.eventing.store, self.plugins, cfg.dir, role=role)
+
+
+def fail(exc: DbeventsError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def run_async(coro: Awaitable[T]) -> T:
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except DbeventsError as exc:
+        fail(exc)
+        raise  # unreachable
+
+
+async def with_store(state: State, body: Callable[[Store], Awaitable[T]]) -> T:
+    store = state.store()
+    await store.open()
+    try:
+        return await body(store)
+    finally:
+        await store.close()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", prog_name="dbevents")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Config file (default: $DBEVENTS_CONFIG, else ./dbevents.toml).")
+@click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
+              help="Default: console on a terminal, JSON otherwise.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, log_format: str | None,
+        log_level: str) -> None:
+    """dbevents: database changes in, CloudEvents webhooks out."""
+    logs.setup(log_format, log_level)
+    ctx.obj = State(config_path, ctx.obj)
+
+
+@cli.command()
+@click.pass_obj
+def run(state: State) -> None:
+    """Capture changes and deliver events until SIGINT or SIGTERM."""
+    try:
+        cfg = state.config
+    except DbeventsError as exc:
+        fail(exc)
+    if not cfg.eventing.enabled:
+        click.echo("eventing is disabled ([eventing] enabled = false); nothing to do.")
+        return
+    try:
+        engine = Engine(cfg, state.plugins)
+    except DbeventsError as exc:
+        fail(exc)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, engine.stop)
+        await engine.run()
+
+    try:
+        asyncio.run(main())
+    except DbeventsError as exc:
+        fail(exc)
+
+
+@cli.command()
+@click.pass_obj
+def check(state: State) -> None:
+    """Validate the config and the plugins it needs; exit 0 if usable, else 2."""
+    try:
+        cfg = state.config
+        make_store(cfg.eventing.store, state.plugins, cfg.dir)
+    except DbeventsError as exc:
+        fail(exc)
+    click.echo(f"config: {cfg.path}")
+    click.echo(f"eventing: {'enabled' if cfg.eventing.enabled else 'DISABLED'}, "
+               f"store {mask_dsn(cfg.eventing.store)}, retention "
+               f"{timedelta(seconds=cfg.eventing.retention)}")
+    click.echo(f"databases ({len(cfg.databases)}):")
+    for db in cfg.databases.values():
+        click.echo(f"  {db.name}: {db.type} {mask_dsn(db.url)}")
+    click.echo(f"triggers ({len(cfg.triggers)}):")
+    for t in cfg.triggers:
+        dbs = ",".join(sorted(t.databases)) if t.databases else "*"
+        tables = ",".join(sorted(t.tables)) if t.tables else "*"
+        ops = ",".join(sorted(o.value for o in t.operations))
+        click.echo(f"  {t.name}: {dbs} / {tables} / {ops} -> {t.sink} {mask_url(t.url)} "
+                   f"(retries {t.retries}, timeout {t.timeout} ms)")
+    click.echo("ok")
+
+
+@cli.command("plugins")
+@click.pass_obj
+def plugins_cmd(state: State) -> None:
+    """List loaded plugins: kind, name, distribution, version."""
+    rows = [(i.kind, i.name, i.distribution, i.version) for i in state.plugins.all()]
+    widths = [max([len(h)] + [len(r[c]) for r in rows]) for c, h in
+              enumerate(("KIND", "NAME", "DISTRIBUTION", "VERSION"))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    click.echo(fmt.format("KIND", "NAME", "DISTRIBUTION", "VERSION"))
+    for r in rows:
+        click.echo(fmt.format(*r))
+    for f in state.plugins.failures:
+        click.echo(f"failed to load: {f.plugin} ({f.distribution}): {f.error}", err=True)
+
+
+# -- the event log ---------------------------------------------------------------
+
+
+def _event_dict(ev: Any) -> dict[str, Any]:
+    return {
+        "id": ev.id, "trigger": ev.trigger, "database": ev.database, "table": ev.table,
+        "docId": ev.doc_id, "type": ev.type, "status": ev.status.value,
+        "attempts": ev.attempts,
+        "created_at": ev.created_at.isoformat() if ev.created_at else None,
+        "updated_at": ev.updated_at.isoformat() if ev.updated_at else None,
+        "next_attempt_at": ev.next_attempt_at.isoformat() if ev.next_attempt_at else None,
+        "last_error": ev.last_error,
+    }
+
+
+@cli.group()
+def events() -> None:
+    """Look at and act on the event log."""
+
+
+@events.command("list")
+@click.option("--status", type=click.Choice([s.value for s in Status]))
+@click.option("--trigger")
+@click.option("--database")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_obj
+def events_list(state: State, status: str | None, trigger: str | None, database: str | None,
+                limit: int, as_json: bool) -> None:
+    """The newest events first."""
+    flt = EventFilter(status=Status(status) if status else None, trigger=trigger,
+                      database=database, limit=limit)
+    evs = run_async(with_store(state, lambda s: s.list_events(flt)))
+    if as_json:
+        for ev in evs:
+            click.echo(json.dumps(_event_dict(ev)))
+        return
+    click.echo(f"{'ID':<36}  {'TRIGGER':<20} {'TYPE':<10} {'STATUS':<10} {'ATT':>3}  "
+               f"{'TABLE':<20} DOCID")
+    for ev in evs:
+        click.echo(f"{ev.id:<36}  {ev.trigger[:20]:<20} {ev.type:<10} {ev.status.value:<10} "
+                   f"{ev.attempts:>3}  {ev.table[:20]:<20} {ev.doc_id}")
+
+
+@events.command("show")
+@click.argument("event_id")
+@click.pass_obj
+def events_show(state: State, event_id: str) -> None:
+    """One event: its payload and every attempt."""
+    async def body(store: Store) -> Any:
+        return await store.get_event(event_id), await store.attempts(event_id)
+
+    ev, attempts = run_async(with_store(state, body))
+    if ev is None:
+        click.echo(f"error: no event with id {event_id}", err=True)
+        sys.exit(1)
+    out = _event_dict(ev)
+    out["payload"] = json.loads(ev.payload)
+    out["attempts_log"] = [
+        {"number": a.number, "started_at": a.started_at.isoformat(),
+         "duration_ms": round(a.duration_ms, 1), "ok": a.ok, "status_code": a.status_code,
+         "error": a.error, "request_headers": dict(a.request_headers),
+         "response_body": a.response_body, "batch_size": a.batch_size}
+        for a in attempts
+    ]
+    click.echo(json.dumps(out, indent=2))
+
+
+@events.command("redeliver")
+@click.argument("ids", nargs=-1)
+@click.option("--status", type=click.Choice(["failed", "delivered"]))
+@click.option("--trigger")
+@click.pass_obj
+def events_redeliver(state: State, ids: tuple[str, ...], status: str | None,
+                     trigger: str | None) -> None:
+    """Put events back to pending with attempts reset: by id, or --status failed."""
+    if not ids and not status:
+        raise click.UsageError("give event ids, or --status failed")
+    n = run_async(with_store(state, lambda s: s.redeliver(
+        list(ids) if ids else None, Status(status) if status else None, trigger)))
+    log.info("redeliver", events=n, ids=len(ids) or None, status=status, trigger=trigger)
+    click.echo(f"{n} event(s) queued for redelivery")
+    if ids and n < len(ids):
+        sys.exit(1)
+
+
+@events.command("purge")
+@click.option("--older-than", "older", required=True, help="e.g. 7d, 12h")
+@click.option("--status", type=click.Choice(["delivered", "failed"]), multiple=True)
+@click.pass_obj
+def events_purge(state: State, older: str, status: tuple[str, ...]) -> None:
+    """Delete finished events (and their attempts) older than a duration."""
+    try:
+        seconds = parse_duration(older)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    statuses = [Status(s) for s in status] or [Status.DELIVERED, Status.FAILED]
+    before = datetime.now(UTC) - timedelta(seconds=seconds)
+    n = run_async(with_store(state, lambda s: s.purge(before, statuses)))
+    click.echo(f"{n} event(s) purged")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def status(state: State, as_json: bool) -> None:
+    """Per trigger: event counts by status; per source: checkpoint and lag."""
+    cfg = _config_or_fail(state)
+
+    async def body(store: Store) -> Any:
+        stats = await store.stats()
+        cps = await store.checkpoints()
+        sources = {}
+        for name, db in cfg.databases.items():
+            info: dict[str, Any] = {"type": db.type, "checkpoint": str(cps[name])
+                                    if name in cps else None}
+            src_cls = state.plugins.get("source", db.type)
+            probe = getattr(src_cls, "probe_status", None)
+            if probe is not None:
+                with contextlib.suppress(Exception):
+                    info.update(await probe(db.url, db.options, name))
+            sources[name] = info
+        return stats, sources
+
+    stats, sources = run_async(with_store(state, body))
+    if as_json:
+        click.echo(json.dumps({
+            "triggers": [{"trigger": s.trigger, "pending": s.pending,
+                          "delivering": s.delivering, "delivered": s.delivered,
+                          "failed": s.failed} for s in stats],
+            "sources": sources}, indent=2))
+        return
+    click.echo(f"{'TRIGGER':<24} {'PENDING':>8} {'DELIVERING':>10} {'DELIVERED':>10} "
+               f"{'FAILED':>7}")
+    for s in stats:
+        click.echo(f"{s.trigger[:24]:<24} {s.pending:>8} {s.delivering:>10} {s.delivered:>10} "
+                   f"{s.failed:>7}")
+    click.echo("")
+    click.echo(f"{'SOURCE':<24} {'TYPE':<10} CHECKPOINT / LAG")
+    for name, info in sources.items():
+        extra = " ".join(f"{k}={v}" for k, v in info.items() if k not in ("type", "checkpoint"))
+        click.echo(f"{name[:24]:<24} {info['type']:<10} {info['checkpoint']} {extra}".rstrip())
+
+
+def _config_or_fail(state: State) -> config_mod.Config:
+    try:
+        return state.config
+    except DbeventsError as exc:
+        fail(exc)
+        raise
+
+
+def build(plugins: plugins_mod.Plugins) -> click.Group:
+    plugins.add_commands(cli)
+    return cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        plugins = plugins_mod.load()
+    except DbeventsError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    build(plugins).main(args=argv, obj=plugins, prog_name="dbevents")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])
+

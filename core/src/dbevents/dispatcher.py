@@ -1,0 +1,234 @@
+"""The dispatcher: claims due events from the store, hands them to sinks, and
+records each attempt's verdict.
+
+Per-row order comes from the store (it only hands out the oldest unfinished
+event of each trigger and row); the dispatcher adds the per-trigger concurrency
+limit, batching, backoff, and batched finishing. It never sleeps when work is
+ready: enqueue and finish wake it, and a timer wakes it for the next retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from dbevents.protocols import Sink, Store
+from dbevents.values import Attempt, Event, Finish, Outcome, Status, Trigger
+
+log = structlog.get_logger("dbevents.dispatcher")
+
+LEASE_MARGIN = 30.0  # seconds beyond the longest attempt a claim stays ours
+
+
+def backoff_delay(trigger: Trigger, attempt: int, retry_after: float | None,
+                  rng: random.Random = random._inst) -> float:  # type: ignore[attr-defined]
+    """Seconds to wait after failed attempt number ``attempt`` (1-based).
+
+    Exponential with full jitter; a receiver's Retry-After wins, capped at
+    backoff_max so one receiver cannot park an event for a day.
+    """
+    cap = trigger.backoff_max / 1000.0
+    if retry_after is not None:
+        return max(0.0, min(retry_after, cap))
+    ceiling = min(cap, trigger.backoff_base / 1000.0 * (2 ** (attempt - 1)))
+    return rng.uniform(0, ceiling)
+
+
+def verdict(trigger: Trigger, event: Event, outcome: Outcome, now: datetime) -> Finish:
+    number = event.attempts + 1
+    attempt = Attempt(
+        event_id=event.id, number=number, started_at=outcome.started_at,
+        duration_ms=outcome.duration_ms, ok=outcome.ok, status_code=outcome.status_code,
+        response_body=outcome.response_body, error=outcome.error,
+        request_headers=outcome.request_headers, batch_size=outcome.batch_size,
+    )
+    if outcome.ok:
+        return Finish(event.id, attempt, Status.DELIVERED)
+    if outcome.give_up or number >= trigger.max_attempts:
+        return Finish(event.id, attempt, Status.FAILED)
+    delay = backoff_delay(trigger, number, outcome.retry_after)
+    return Finish(event.id, attempt, Status.PENDING, now + timedelta(seconds=delay))
+
+
+class Dispatcher:
+    def __init__(self, store: Store, triggers: Sequence[Trigger], sinks: Mapping[str, Sink],
+                 finish_batch: int = 2000) -> None:
+        self.store = store
+        self.triggers = {t.name: t for t in triggers}
+        self.sinks = sinks
+        self.finish_batch = finish_batch
+        self._wake = asyncio.Event()
+        self._inflight: dict[str, int] = {t: 0 for t in self.triggers}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._task_events: dict[asyncio.Task[None], list[Event]] = {}
+        self._done: list[tuple[Finish, str, float]] = []  # (finish, trigger, started)
+        self._done_ready = asyncio.Event()
+        self._stopping = False
+        self.lease_seconds = max((t.timeout / 1000.0 for t in triggers), default=5.0) \
+            + LEASE_MARGIN
+        self._capacity = {
+            t.name: max(1, t.concurrency) * max(1, sinks[t.sink].batch_size(t)) for t in triggers
+        }
+        self.delivered = 0
+        self.failed = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- the claim loop ----------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        finisher = asyncio.create_task(self._finisher(), name="dbevents-finisher")
+        try:
+            await self._claim_loop(stop)
+        finally:
+            self._stopping = True
+            await self._drain()
+            self._done_ready.set()
+            await finisher
+
+    async def _claim_loop(self, stop: asyncio.Event) -> None:
+        stop_wait = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                limits = {name: cap - self._inflight[name]
+                          for name, cap in self._capacity.items()
+                          if cap - self._inflight[name] > 0}
+                timeout: float | None = None
+                if limits:
+                    try:
+                        events = await self.store.claim(limits, self.lease_seconds, _now())
+                    except Exception as exc:  # the store may come back; keep the loop alive
+                        log.warning("claim failed; delivery paused", error=str(exc))
+                        events, timeout = [], 1.0
+                    if events:
+                        self._start(events)
+                    if not timeout and sum(limits.values()) > len(events):
+                        # Everything due is out; sleep until the next retry is due.
+                        due = await self._next_due()
+                        if due is not None:
+                            # Floor: a due time already past means the claim raced
+                            # a finish; a wake-up will come, don't spin meanwhile.
+                            timeout = max(0.05, (due - _now()).total_seconds())
+                    elif events:
+                        continue  # more may be due right away
+                wake = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait({wake, stop_wait}, timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                wake.cancel()
+        finally:
+            stop_wait.cancel()
+
+    async def _next_due(self) -> datetime | None:
+        try:
+            return await self.store.next_due()
+        except Exception:
+            return _now() + timedelta(seconds=1)
+
+    def _start(self, events: list[Event]) -> None:
+        by_trigger: dict[str, list[Event]] = {}
+        for ev in events:
+            by_trigger.setdefault(ev.trigger, []).append(ev)
+        for name, evs in by_trigger.items():
+            trigger = self.triggers[name]
+            sink = self.sinks[trigger.sink]
+            size = max(1, sink.batch_size(trigger))
+            self._inflight[name] += len(evs)
+            for i in range(0, len(evs), size):
+                chunk = evs[i:i + size]
+                task = asyncio.create_task(self._deliver(trigger, sink, chunk))
+                self._tasks.add(task)
+                self._task_events[task] = chunk
+                task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._task_events.pop(task, None)
+
+    async def _deliver(self, trigger: Trigger, sink: Sink, events: list[Event]) -> None:
+        started = time.monotonic()
+        try:
+            outcomes = await sink.deliver(trigger, events)
+            if len(outcomes) != len(events):
+                raise RuntimeError(f"sink returned {len(outcomes)} outcomes for {len(events)}")
+        except Exception as exc:  # a sink bug must not lose the event: retry it
+            log.exception("sink raised; treating as a failed attempt", trigger=trigger.name)
+            now = _now()
+            outcomes = [Outcome(ok=False, started_at=now, duration_ms=0.0,
+                                error=f"sink error: {type(exc).__name__}: {exc}")] * len(events)
+        now = _now()
+        finishes = [verdict(trigger, ev, out, now)
+                    for ev, out in zip(events, outcomes, strict=True)]
+        for f in finishes:
+            self._done.append((f, trigger.name, started))
+        self._done_ready.set()
+        # One line per POST: the unit of work a user follows.
+        first, out = finishes[0], outcomes[0]
+        line = log.warning if first.status is Status.FAILED else log.info
+        line(
+            "delivery",
+            trigger=trigger.name,
+            event_id=first.event_id if len(events) == 1 else None,
+            events=len(events),
+            attempt=first.attempt.number,
+            outcome=first.status.value,
+            status_code=out.status_code,
+            error=out.error,
+            duration_ms=round(out.duration_ms, 1),
+            **({"retry_at": first.next_attempt_at.isoformat()} if first.next_attempt_at else {}),
+        )
+
+    # -- finishing: one store transaction for many attempts -------------------
+    async def _finisher(self) -> None:
+        while True:
+            await self._done_ready.wait()
+            self._done_ready.clear()
+            while self._done:
+                batch, self._done = self._done[: self.finish_batch], self._done[self.finish_batch:]
+                await self._finish(batch)
+            if self._stopping and not self._tasks and not self._done:
+                return
+
+    async def _finish(self, batch: list[tuple[Finish, str, float]]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self.store.finish([f for f, _, _ in batch])
+                break
+            except Exception as exc:  # hold the results until the store is back
+                log.warning("recording results failed; held until the store is back",
+                            error=str(exc), held=len(batch))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        for f, name, _ in batch:
+            self._inflight[name] -= 1
+            if f.status is Status.DELIVERED:
+                self.delivered += 1
+            elif f.status is Status.FAILED:
+                self.failed += 1
+        self.wake()
+
+    async def _drain(self, grace: float | None = None) -> None:
+        """On stop: let in-flight attempts finish, bounded by the longest timeout."""
+        if grace is None:
+            grace = max((t.timeout / 1000.0 for t in self.triggers.values()), default=5.0) + 1.0
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            unfinished = [ev.id for task in pending for ev in self._task_events.get(task, [])]
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+                log.warning("attempts cut short by shutdown; handed back", events=len(unfinished))
+                with contextlib.suppress(Exception):  # else their leases run out
+                    await self.store.release(unfinished)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

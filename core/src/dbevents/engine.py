@@ -1,0 +1,234 @@
+"""The engine: source -> matcher -> store (events + checkpoint, one transaction)
+-> source.confirm, with the dispatcher delivering from the store.
+
+A source position is confirmed to the database only after the events up to it
+and the checkpoint are committed together, so a crash at any instant loses no
+change; event ids derive from the source position, so a replay after a crash
+stores nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from dbevents.config import Config, resolve_store_url
+from dbevents.dispatcher import Dispatcher
+from dbevents.errors import ConfigError, SetupError, SourceUnavailable
+from dbevents.masking import mask_dsn
+from dbevents.matching import TriggerMatcher
+from dbevents.plugins import Plugins
+from dbevents.protocols import Sink, Source, SourceSettings, Store, StoreSettings
+from dbevents.values import ChangeBatch, Position, Status
+
+log = structlog.get_logger("dbevents.engine")
+
+QUEUE_BATCHES = 8  # decoded batches buffered ahead of the store per source
+MAX_CHANGES_PER_TXN = 5000  # batches coalesced into one store transaction
+RETENTION_EVERY = 60.0  # seconds between retention sweeps
+
+
+def make_store(url: str, plugins: Plugins, config_dir: Any, role: str = "worker") -> Store:
+    scheme = url.split("://", 1)[0].lower()
+    try:
+        cls = plugins.get("store", scheme)
+    except KeyError:
+        raise ConfigError(
+            f"no store plugin handles the URL scheme {scheme!r}; installed stores: "
+            f"{', '.join(plugins.names('store')) or 'none'}",
+            path="eventing.store",
+        ) from None
+    return cls(StoreSettings(url=resolve_store_url(url, config_dir), config_dir=config_dir,
+                             role=role))
+
+
+class Engine:
+    def __init__(self, config: Config, plugins: Plugins, store: Store | None = None,
+                 sinks: Mapping[str, Sink] | None = None) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.store = store or make_store(config.eventing.store, plugins, config.dir)
+        self.matcher = TriggerMatcher(
+            config.triggers,
+            {name: plugins.get("matcher", name)() for name in plugins.names("matcher")},
+        )
+        self.sinks: dict[str, Sink] = dict(sinks or {})
+        for trigger in config.triggers:
+            if trigger.sink not in self.sinks:
+                self.sinks[trigger.sink] = plugins.get("sink", trigger.sink)()
+        self.sources: dict[str, Source] = {}
+        for name, db in config.databases.items():
+            cls = plugins.get("source", db.type)
+            self.sources[name] = cls(SourceSettings(
+                name=name, url=db.url, options=db.options,
+                tables=self.matcher.tables_for(name),
+                operations=self.matcher.operations_for(name),
+                config_dir=config.dir,
+            ))
+        self.dispatcher = Dispatcher(self.store, config.triggers, self.sinks)
+        self.source_id = ""
+        self.captured = 0
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Run until stop(); raises SetupError when a startup check fails."""
+        await self.store.open()
+        opened: list[Any] = []
+        try:
+            self.source_id = self.config.eventing.source_id or await self.store.instance_id()
+            for name, source in self.sources.items():
+                await source.start()
+                opened.append(source)
+                log.info("source ready", database=name, type=self.config.databases[name].type,
+                         url=mask_dsn(self.config.databases[name].url))
+            for sink in self.sinks.values():
+                await sink.open()
+                opened.append(sink)
+            log.info("running", sources=len(self.sources), triggers=len(self.config.triggers),
+                     source_id=self.source_id)
+            tasks = [asyncio.create_task(self._capture(name, src), name=f"capture-{name}")
+                     for name, src in self.sources.items()]
+            tasks.append(asyncio.create_task(self._retention(), name="retention"))
+            dispatch = asyncio.create_task(self.dispatcher.run(self._stop), name="dispatcher")
+            stop_wait = asyncio.create_task(self._stop.wait())
+            try:
+                done, _ = await asyncio.wait([*tasks, dispatch, stop_wait],
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task is not stop_wait and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+            finally:
+                self._stop.set()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                # In-flight attempts finish (bounded) and their results are recorded.
+                await asyncio.gather(dispatch, return_exceptions=True)
+                stop_wait.cancel()
+        finally:
+            for part in reversed(opened):
+                with contextlib.suppress(Exception):
+                    await part.close()
+            with contextlib.suppress(Exception):
+                await self.store.close()
+            log.info("stopped", captured=self.captured, delivered=self.dispatcher.delivered,
+                     failed=self.dispatcher.failed)
+
+    # -- capture -------------------------------------------------------------
+    async def _capture(self, name: str, source: Source) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._capture_once(name, source)
+                return
+            except SetupError:
+                raise
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                kind = "unavailable" if isinstance(exc, SourceUnavailable) else "failed"
+                log.warning(f"source {kind}; restarting from the checkpoint",
+                            database=name, error=str(exc), retry_in=round(delay, 1),
+                            exc_info=not isinstance(exc, SourceUnavailable))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _capture_once(self, name: str, source: Source) -> None:
+        since = await self._retry_store(lambda: self.store.checkpoint(name))
+        log.info("capture starting", database=name, since=str(since) if since else None)
+        queue: asyncio.Queue[ChangeBatch | BaseException] = asyncio.Queue(QUEUE_BATCHES)
+
+        async def read() -> None:
+            try:
+                async for batch in source.changes(since):
+                    await queue.put(batch)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                await queue.put(exc)
+                return
+            await queue.put(EOFError())
+
+        reader = asyncio.create_task(read(), name=f"read-{name}")
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    if isinstance(item, EOFError):
+                        return
+                    raise item
+                batches = [item]
+                size = len(item.changes)
+                # Coalesce what is already decoded into one store transaction.
+                while size < MAX_CHANGES_PER_TXN and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        await self._store_batches(name, source, batches)
+                        if isinstance(nxt, EOFError):
+                            return
+                        raise nxt
+                    batches.append(nxt)
+                    size += len(nxt.changes)
+                await self._store_batches(name, source, batches)
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def _store_batches(self, name: str, source: Source, batches: list[ChangeBatch]) -> None:
+        started = time.perf_counter()
+        changes = [c for b in batches for c in b.changes]
+        checkpoint: Position | None = None
+        for b in batches:
+            if b.checkpoint is not None:
+                checkpoint = b.checkpoint
+        events = self.matcher.events(changes, self.source_id)
+        cps = {name: checkpoint} if checkpoint is not None else {}
+        if events or cps:
+            new = await self._retry_store(lambda: self.store.enqueue(events, cps))
+        else:
+            new = 0
+        if new:
+            self.dispatcher.wake()
+        if checkpoint is not None:
+            await source.confirm(checkpoint)
+        self.captured += len(changes)
+        if changes:
+            log.info("captured", database=name, changes=len(changes), events=len(events),
+                     new=new, checkpoint=str(checkpoint) if checkpoint else None,
+                     ms=round((time.perf_counter() - started) * 1000, 1))
+
+    async def _retry_store(self, call: Any) -> Any:
+        """Store writes are retried until the store is back; meanwhile nothing is
+        confirmed to the source, so capture simply pauses."""
+        delay = 0.5
+        while True:
+            try:
+                return await call()
+            except (SetupError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                log.warning("store write failed; capture paused", error=str(exc),
+                            retry_in=round(delay, 1))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _retention(self) -> None:
+        keep = self.config.eventing.retention
+        while True:
+            try:
+                before = datetime.now(UTC) - timedelta(seconds=keep)
+                purged = await self.store.purge(before, [Status.DELIVERED])
+                if purged:
+                    log.info("retention purge", purged=purged, before=before.isoformat())
+            except Exception as exc:
+                log.warning("retention purge failed", error=str(exc))
+            await asyncio.sleep(RETENTION_EVERY)

@@ -1,0 +1,137 @@
+"""The launcher, in-process with click's runner and the in-memory plugins."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from dbevents.cli import build
+from dbevents.protocols import StoreSettings
+from dbevents.testing import MemoryStore, isolated_plugins, make_event, reset
+from dbevents.values import Attempt, Finish, Status
+
+
+@pytest.fixture(autouse=True)
+def _clean() -> None:
+    reset()
+
+
+def invoke(tmp_path: Path, toml: str | None, *args: str):  # type: ignore[no-untyped-def]
+    path = tmp_path / "dbevents.toml"
+    if toml is not None:
+        path.write_text(toml)
+    plugins = isolated_plugins()
+    return CliRunner().invoke(build(plugins), ["--config", str(path), *args], obj=plugins)
+
+
+GOOD = """
+[eventing]
+store = "memory://cli"
+[databases.app]
+type = "memory"
+url = "memory://db?password=x"
+[[triggers]]
+name = "t"
+url = "https://hooks.example.com/secret-token-path"
+sink = "memory"
+"""
+
+
+def test_check_ok_prints_summary_without_secrets(tmp_path: Path) -> None:
+    r = invoke(tmp_path, GOOD.replace("memory://db?password=x", "memory://u:pw@db"), "check")
+    assert r.exit_code == 0, r.output
+    assert "app: memory memory://u:***@db" in r.output
+    assert "t: * / * / delete,insert,update -> memory https://hooks.example.com/***" in r.output
+    assert "pw@" not in r.output and "secret-token-path" not in r.output
+
+
+@pytest.mark.parametrize(("toml", "words"), [
+    (None, "config file not found"),
+    ("[eventing\n", "TOML syntax error"),
+    (GOOD.replace('name = "t"', 'name = "t"\ntimeout = "5s"'), "triggers[0].timeout"),
+    (GOOD.replace("memory://cli", "nosuch://x"), "installed stores: memory"),
+])
+def test_check_bad_config_exits_2(tmp_path: Path, toml: str | None, words: str) -> None:
+    r = invoke(tmp_path, toml, "check")
+    assert r.exit_code == 2
+    assert words in r.output
+
+
+def test_run_bad_config_exits_2_and_starts_nothing(tmp_path: Path) -> None:
+    r = invoke(tmp_path, GOOD.replace('type = "memory"', 'type = "oracle"'), "run")
+    assert r.exit_code == 2 and "unknown database type 'oracle'" in r.output
+
+
+def test_disabled_exits_0(tmp_path: Path) -> None:
+    r = invoke(tmp_path, GOOD.replace("[eventing]", "[eventing]\nenabled = false"), "run")
+    assert r.exit_code == 0 and "disabled" in r.output
+
+
+def test_plugins_lists_kind_name_distribution(tmp_path: Path) -> None:
+    r = invoke(tmp_path, None, "plugins")
+    assert r.exit_code == 0
+    lines = r.output.splitlines()
+    assert lines[0].split() == ["KIND", "NAME", "DISTRIBUTION", "VERSION"]
+    assert any(line.split()[:3] == ["source", "memory", "memory"] for line in lines)
+
+
+def test_version(tmp_path: Path) -> None:
+    r = invoke(tmp_path, None, "--version")
+    assert r.exit_code == 0 and r.output.startswith("dbevents, version ")
+
+
+def _seed() -> list[str]:
+    async def go() -> list[str]:
+        store = MemoryStore(StoreSettings(url="memory://cli"))
+        evs = [make_event(doc_id=str(i)) for i in range(3)]
+        await store.enqueue(evs, {})
+        await store.claim({"t": 10}, 30, __import__("datetime").datetime.now(
+            __import__("datetime").UTC))
+        now = __import__("datetime").datetime.now(__import__("datetime").UTC)
+        await store.finish([
+            Finish(evs[0].id, Attempt(evs[0].id, 1, now, 3.0, False, 500, "boom", "HTTP 500"),
+                   Status.FAILED),
+            Finish(evs[1].id, Attempt(evs[1].id, 1, now, 2.0, True, 200), Status.DELIVERED),
+        ])
+        return [e.id for e in evs]
+
+    return asyncio.run(go())
+
+
+def test_events_list_show_redeliver_purge_status(tmp_path: Path) -> None:
+    ids = _seed()
+    r = invoke(tmp_path, GOOD, "events", "list", "--json")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.output.splitlines()]
+    assert {row["status"] for row in rows} == {"failed", "delivered", "delivering"}
+
+    r = invoke(tmp_path, GOOD, "events", "list", "--status", "failed")
+    assert ids[0] in r.output and ids[1] not in r.output
+
+    r = invoke(tmp_path, GOOD, "events", "show", ids[0])
+    shown = json.loads(r.output)
+    assert shown["payload"]["id"] == ids[0]
+    assert shown["attempts_log"][0]["status_code"] == 500
+    assert shown["attempts_log"][0]["error"] == "HTTP 500"
+
+    r = invoke(tmp_path, GOOD, "events", "show", "nope")
+    assert r.exit_code == 1 and "no event" in r.output
+
+    r = invoke(tmp_path, GOOD, "events", "redeliver", "--status", "failed")
+    assert r.exit_code == 0 and "1 event(s) queued" in r.output
+    r = invoke(tmp_path, GOOD, "events", "list", "--status", "pending", "--json")
+    assert [json.loads(line)["id"] for line in r.output.splitlines()] == [ids[0]]
+
+    r = invoke(tmp_path, GOOD, "status", "--json")
+    st = json.loads(r.output)
+    assert st["triggers"] == [{"trigger": "t", "pending": 1, "delivering": 1, "delivered": 1,
+                               "failed": 0}]
+    assert st["sources"]["app"]["type"] == "memory"
+
+    r = invoke(tmp_path, GOOD, "events", "purge", "--older-than", "0s", "--status", "delivered")
+    assert r.exit_code == 0 and "1 event(s) purged" in r.output
+    r = invoke(tmp_path, GOOD, "events", "purge", "--older-than", "soon")
+    assert r.exit_code == 2

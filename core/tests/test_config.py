@@ -1,0 +1,170 @@
+"""Config: the fixed TOML contract, defaults, interpolation, and errors that
+name the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import pytest
+from dbevents import config as cfg
+from dbevents.errors import ConfigError
+from dbevents.plugins import module_from
+from dbevents.testing import isolated_plugins
+from dbevents.values import DEFAULT_OPERATIONS, Operation
+
+
+@attrs.frozen
+class HeaderOpts:
+    headers: dict[str, str] = attrs.field(factory=dict)
+    batch_size: int = 1
+
+
+class FakeSink:
+    Options = HeaderOpts
+
+
+class FakeSource:
+    db_type = "sql-fake"
+
+    @attrs.frozen
+    class Options:
+        slot: str | None = None
+        server_id: int = 1000
+
+
+@pytest.fixture
+def plugins():  # type: ignore[no-untyped-def]
+    plug = module_from(
+        "fake",
+        register_sinks=lambda register: register("webhook", FakeSink),
+        register_sources=lambda register: register("postgres", FakeSource),
+    )
+    return isolated_plugins(("fake", plug))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "dbevents.toml"
+    p.write_text(text)
+    return p
+
+
+FULL = """
+[eventing]
+enabled = true
+store = "sqlite:///dbevents.db"
+
+[databases.app]
+type = "postgres"
+url = "postgresql://app:${APP_DB_PASSWORD}@127.0.0.1:5432/app"
+slot = "my_slot"
+
+[[triggers]]
+name = "welcome-email"
+source = "database"
+databases = ["app"]
+tables = ["users"]
+operations = ["insert"]
+url = "https://example.com/hooks/welcome"
+retries = 3
+timeout = 5000
+"""
+
+
+def test_the_documented_example_loads(tmp_path: Path, plugins) -> None:  # type: ignore[no-untyped-def]
+    c = cfg.parse(
+        cfg.read_toml(write(tmp_path, FULL)), plugins, {"APP_DB_PASSWORD": "s3cret"},
+        path=tmp_path / "dbevents.toml")
+    assert c.eventing.enabled and c.eventing.store == "sqlite:///dbevents.db"
+    assert c.eventing.retention == 7 * 86400
+    db = c.databases["app"]
+    assert db.type == "postgres" and db.url == "postgresql://app:s3cret@127.0.0.1:5432/app"
+    assert db.options.slot == "my_slot" and db.options.server_id == 1000
+    [t] = c.triggers
+    assert t.name == "welcome-email" and t.databases == {"app"} and t.tables == {"users"}
+    assert t.operations == {Operation.INSERT} and t.retries == 3 and t.timeout == 5000
+    assert t.sink == "webhook" and t.sink_options == HeaderOpts()
+
+
+def test_defaults(plugins) -> None:  # type: ignore[no-untyped-def]
+    c = cfg.parse({"triggers": [{"name": "a", "url": "http://x/y"}]}, plugins, {})
+    assert c.eventing == cfg.EventingConfig()
+    [t] = c.triggers
+    assert t.databases is None and t.tables is None and t.operations == DEFAULT_OPERATIONS
+    assert (t.retries, t.timeout, t.concurrency, t.source) == (3, 5000, 16, "database")
+
+
+def test_operations_as_string_any_case(plugins) -> None:  # type: ignore[no-untyped-def]
+    c = cfg.parse({"triggers": [{"name": "a", "url": "http://x", "operations": "DELETE",
+                                 "tables": "users"}]}, plugins, {})
+    assert c.triggers[0].operations == {Operation.DELETE}
+    assert c.triggers[0].tables == {"users"}
+
+
+def test_env_default_and_dollar_escape(plugins) -> None:  # type: ignore[no-untyped-def]
+    c = cfg.parse({"triggers": [{"name": "a", "url": "http://${HOST:-localhost:8080}/p$$1",
+                                 "headers": {"Authorization": "Bearer ${TOKEN}"}}]},
+                  plugins, {"TOKEN": "abc"})
+    assert c.triggers[0].url == "http://localhost:8080/p$1"
+    assert c.triggers[0].sink_options.headers == {"Authorization": "Bearer abc"}
+
+
+def test_relative_sqlite_path_is_relative_to_config(tmp_path: Path) -> None:
+    url = cfg.resolve_store_url("sqlite:///data/x.db", tmp_path)
+    assert url == f"sqlite:///{tmp_path.resolve()}/data/x.db"
+    assert cfg.resolve_store_url("sqlite:////abs/x.db", tmp_path) == "sqlite:////abs/x.db"
+
+
+@pytest.mark.parametrize(("raw", "path", "words"), [
+    ({"triggers": [{"name": "a", "url": "http://x", "timeout": "5s"}]},
+     "triggers[0].timeout", "expected an integer"),
+    ({"triggers": [{"name": "a", "url": "http://x"}, {"name": "a", "url": "http://y"}]},
+     "triggers[1].name", "duplicate trigger name 'a'"),
+    ({"triggers": [{"name": "a", "url": "http://x", "databases": ["nope"]}]},
+     "triggers[0].databases[0]", "no [databases.nope] section"),
+    ({"databases": {"app": {"type": "oracle", "url": "x"}}},
+     "databases.app.type", "installed source plugins: memory, postgres"),
+    ({"triggers": [{"name": "a", "url": "http://${NOPE}"}]},
+     "triggers[0].url", "NOPE is not set"),
+    ({"triggers": [{"name": "a", "url": "http://x", "retires": 3}]},
+     "triggers[0].retires", "did you mean 'retries'"),
+    ({"triggers": [{"name": "a", "url": "ftp://x"}]}, "triggers[0].url", "http:// or https://"),
+    ({"triggers": [{"url": "http://x"}]}, "triggers[0].name", "required key 'name'"),
+    ({"triggers": [{"name": "a"}]}, "triggers[0].url", "required key 'url'"),
+    ({"triggers": [{"name": "a", "url": "http://x", "operations": ["upsert"]}]},
+     "triggers[0].operations[0]", "unknown operation 'upsert'"),
+    ({"triggers": [{"name": "a", "url": "http://x", "retries": -1}]},
+     "triggers[0].retries", "0 or more"),
+    ({"eventing": {"stor": "x"}}, "eventing.stor", "did you mean 'store'"),
+    ({"eventing": {"retention": "forever"}}, "eventing.retention", "duration"),
+    ({"databases": {"app": {"type": "postgres", "url": "x", "slott": "s"}}},
+     "databases.app.slott", "did you mean 'slot'"),
+    ({"databases": {"app": {"type": "postgres", "url": "x", "server_id": "1"}}},
+     "databases.app.server_id", "expected an integer"),
+    ({"triggers": [{"name": "a", "url": "http://x", "headers": {"A": 1}}]},
+     "triggers[0].headers.A", "expected a string"),
+    ({"trigger": []}, "trigger", "did you mean 'triggers'"),
+])
+def test_bad_input_names_the_key(raw, path, words, plugins) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError) as info:
+        cfg.parse(raw, plugins, {})
+    assert info.value.path == path
+    assert words in str(info.value)
+    assert info.value.exit_code == 2
+
+
+def test_missing_file_and_syntax_error(tmp_path: Path, plugins) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError, match="config file not found"):
+        cfg.load(tmp_path / "none.toml", plugins)
+    p = write(tmp_path, "[eventing]\nstore = \n")
+    with pytest.raises(ConfigError, match=r"line 2, column 9") as info:
+        cfg.load(p, plugins)
+    assert str(p) in str(info.value)
+
+
+def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DBEVENTS_CONFIG", raising=False)
+    assert cfg.config_path(None) == Path("dbevents.toml")
+    monkeypatch.setenv("DBEVENTS_CONFIG", "/etc/x.toml")
+    assert cfg.config_path(None) == Path("/etc/x.toml")
+    assert cfg.config_path("given.toml") == Path("given.toml")

@@ -1,0 +1,159 @@
+"""Dispatcher semantics with the in-memory store and sink."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from dbevents.dispatcher import Dispatcher, backoff_delay
+from dbevents.protocols import StoreSettings
+from dbevents.testing import DELIVERIES, MemorySink, MemoryStore, make_event, reset
+from dbevents.testing.memory import MemorySinkOptions
+from dbevents.values import Status, Trigger
+
+
+@pytest.fixture(autouse=True)
+def _clean() -> None:
+    reset()
+
+
+def test_backoff_is_full_jitter_and_capped() -> None:
+    t = Trigger(name="t", url="http://x", backoff_base=1000, backoff_max=5000)
+    rng = random.Random(1)
+    for attempt, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (10, 5.0)]:
+        delays = [backoff_delay(t, attempt, None, rng) for _ in range(200)]
+        assert all(0 <= d <= ceiling for d in delays)
+        assert max(delays) > ceiling * 0.8  # the whole range is used
+    assert backoff_delay(t, 1, 3.0) == 3.0  # Retry-After wins...
+    assert backoff_delay(t, 1, 3600.0) == 5.0  # ...capped at backoff_max
+
+
+async def run_until(triggers: list[Trigger], n_events: int, settle: float = 0.0,
+                    docs: int | None = None) -> MemoryStore:
+    store = MemoryStore(StoreSettings(url="memory://d"))
+    await store.open()
+    evs = [make_event(trigger=t.name, doc_id=str(i % (docs or n_events)), n=i)
+           for t in triggers for i in range(n_events)]
+    await store.enqueue(evs, {})
+    d = Dispatcher(store, triggers, {"memory": MemorySink()})
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    for _ in range(2000):
+        await asyncio.sleep(0.005)
+        if all(e.status in (Status.DELIVERED, Status.FAILED) for e in store.s.events.values()):
+            break
+    await asyncio.sleep(settle)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    return store
+
+
+async def test_always_failing_makes_exactly_one_plus_retries_attempts() -> None:
+    ts = [Trigger(name=f"r{r}", url="http://x", sink="memory", retries=r, backoff_base=1,
+                  backoff_max=2, sink_options=MemorySinkOptions(always_fail=True))
+          for r in (0, 1, 3)]
+    store = await run_until(ts, 2, settle=0.05)
+    for ev in store.s.events.values():
+        r = int(ev.trigger[1:])
+        assert ev.status is Status.FAILED and ev.attempts == 1 + r
+        assert [a.number for a in store.s.attempts[ev.id]] == list(range(1, r + 2))
+        assert ev.last_error == "HTTP 500"
+
+
+async def test_fail_twice_then_deliver() -> None:
+    t = Trigger(name="t", url="http://x", sink="memory", backoff_base=1, backoff_max=2,
+                sink_options=MemorySinkOptions(fail_first=2))
+    store = await run_until([t], 3)
+    for ev in store.s.events.values():
+        assert ev.status is Status.DELIVERED and ev.attempts == 3
+        assert [a.ok for a in store.s.attempts[ev.id]] == [False, False, True]
+
+
+async def test_retry_waits_for_backoff() -> None:
+    t = Trigger(name="t", url="http://x", sink="memory", backoff_base=300, backoff_max=300,
+                sink_options=MemorySinkOptions(fail_first=1))
+    store = await run_until([t], 1)
+    [ev] = store.s.events.values()
+    a1, a2 = store.s.attempts[ev.id]
+    gap = (a2.started_at - a1.started_at).total_seconds()
+    assert 0 <= gap <= 0.5  # within the jittered 0..300 ms window plus scheduling
+
+
+async def test_per_row_order_under_concurrency_and_random_delays() -> None:
+    t = Trigger(name="t", url="http://x", sink="memory", concurrency=8,
+                sink_options=MemorySinkOptions(delay_ms=5, jitter=True))
+    store = await run_until([t], 120, docs=6)
+    seq = {e.id: e.seq for e in store.s.events.values()}
+    by_row: dict[str | None, list[int]] = {}
+    for _, eid, _ in DELIVERIES:
+        by_row.setdefault(store.s.events[eid].doc_id, []).append(seq[eid])
+    assert len(by_row) == 6
+    for row in by_row.values():
+        assert row == sorted(row)
+
+
+async def test_concurrency_limit_is_respected() -> None:
+    t = Trigger(name="t", url="http://x", sink="memory", concurrency=3,
+                sink_options=MemorySinkOptions(delay_ms=20))
+    peak = 0
+    sink = MemorySink()
+    inner = sink.deliver
+    live = 0
+
+    async def counting(trigger, events):  # type: ignore[no-untyped-def]
+        nonlocal live, peak
+        live += 1
+        peak = max(peak, live)
+        try:
+            return await inner(trigger, events)
+        finally:
+            live -= 1
+
+    sink.deliver = counting  # type: ignore[method-assign]
+    store = MemoryStore(StoreSettings(url="memory://c"))
+    await store.enqueue([make_event(doc_id=str(i)) for i in range(20)], {})
+    d = Dispatcher(store, [t], {"memory": sink})
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    while d.delivered < 20:
+        await asyncio.sleep(0.01)
+    stop.set()
+    await task
+    assert peak == 3
+
+
+async def test_stop_lets_in_flight_attempts_finish() -> None:
+    t = Trigger(name="t", url="http://x", sink="memory",
+                sink_options=MemorySinkOptions(delay_ms=200))
+    store = MemoryStore(StoreSettings(url="memory://s"))
+    [ev] = [make_event()]
+    await store.enqueue([ev], {})
+    d = Dispatcher(store, [t], {"memory": MemorySink()})
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    await asyncio.sleep(0.05)
+    assert store.s.events[ev.id].status is Status.DELIVERING
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert store.s.events[ev.id].status is Status.DELIVERED
+
+
+async def test_wakes_without_polling_when_work_arrives() -> None:
+    t = Trigger(name="t", url="http://x", sink="memory")
+    store = MemoryStore(StoreSettings(url="memory://w"))
+    d = Dispatcher(store, [t], {"memory": MemorySink()})
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    await asyncio.sleep(0.05)  # idle: nothing pending, so no timer is armed
+    assert await store.next_due() is None
+    await store.enqueue([make_event()], {})
+    d.wake()  # only the wake-up can start this delivery
+
+    async def delivered() -> None:
+        while d.delivered < 1:
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(delivered(), 5)
+    stop.set()
+    await task
