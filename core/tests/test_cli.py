@@ -74,7 +74,7 @@ def test_plugins_lists_kind_name_distribution(tmp_path: Path) -> None:
     r = invoke(tmp_path, None, "plugins")
     assert r.exit_code == 0
     lines = r.output.splitlines()
-    assert lines[0].split() == ["KIND", "NAME", "DISTRIBUTION", "VERSION"]
+    assert lines[0].split() == ["KIND", "NAME", "DISTRIBUTION", "VERSION", "ENTRY", "POINT"]
     assert any(line.split()[:3] == ["source", "memory", "memory"] for line in lines)
 
 

@@ -149,13 +149,13 @@ def check(state: State) -> None:
 @click.pass_obj
 def plugins_cmd(state: State) -> None:
     """List loaded plugins: kind, name, distribution, version."""
-    rows = [(i.kind, i.name, i.distribution, i.version) for i in state.plugins.all()]
-    widths = [max([len(h)] + [len(r[c]) for r in rows]) for c, h in
-              enumerate(("KIND", "NAME", "DISTRIBUTION", "VERSION"))]
+    header = ("KIND", "NAME", "DISTRIBUTION", "VERSION", "ENTRY POINT")
+    rows = [(i.kind, i.name, i.distribution, i.version, i.plugin) for i in state.plugins.all()]
+    widths = [max([len(h)] + [len(r[c]) for r in rows]) for c, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    click.echo(fmt.format("KIND", "NAME", "DISTRIBUTION", "VERSION"))
+    click.echo(fmt.format(*header).rstrip())
     for r in rows:
-        click.echo(fmt.format(*r))
+        click.echo(fmt.format(*r).rstrip())
     for f in state.plugins.failures:
         click.echo(f"failed to load: {f.plugin} ({f.distribution}): {f.error}", err=True)
 
