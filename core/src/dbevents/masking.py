@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 MASK = "***"
 _SECRET_HEADER_WORDS = ("authorization", "token", "secret", "key", "password", "cookie",
                         "signature", "auth")
 
 
+_USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/]*):[^@/]*@")
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd|pwd|secret|token|sslpassword)=)[^&#]*")
+
+
 def mask_dsn(url: str) -> str:
-    """The URL with any password replaced: postgresql://app:***@host/db."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return MASK
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}:{MASK}@{host}" if parts.username else f":{MASK}@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The URL with any password replaced: postgresql://app:***@host/db.
+
+    Text-based, so multi-host URLs (mongodb://u:p@h1:1,h2:2/db) work too; a
+    password in the query string (?password=...) is masked as well.
+    """
+    masked = _USERINFO.sub(lambda m: f"{m.group('head')}:{MASK}@", url, count=1)
+    return _QUERY_SECRET.sub(lambda m: m.group(1) + MASK, masked)
 
 
 def mask_url(url: str) -> str:

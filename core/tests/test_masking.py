@@ -1,0 +1,20 @@
+"""Secrets never reach logs: DSNs, webhook URLs, headers."""
+
+from dbevents.masking import mask_dsn, mask_headers, mask_url
+
+
+def test_mask_dsn() -> None:
+    assert mask_dsn("postgresql://app:s3cret@db:5432/app") == "postgresql://app:***@db:5432/app"
+    assert mask_dsn("postgresql://app@db/app") == "postgresql://app@db/app"
+    assert mask_dsn("mongodb://u:p%40ss@h1:27017,h2:27018/db?replicaSet=rs0") == \
+        "mongodb://u:***@h1:27017,h2:27018/db?replicaSet=rs0"
+    assert mask_dsn("mysql://root:@127.0.0.1:3306/x") == "mysql://root:***@127.0.0.1:3306/x"
+    assert mask_dsn("postgresql://db/app?user=a&password=hunter2&sslmode=require") == \
+        "postgresql://db/app?user=a&password=***&sslmode=require"
+
+
+def test_mask_url_and_headers() -> None:
+    assert mask_url("https://hooks.example.com/T0KEN/abc?sig=1") == "https://hooks.example.com/***"
+    assert mask_url("http://127.0.0.1:8080") == "http://127.0.0.1:8080"
+    assert mask_headers({"Authorization": "Bearer x", "X-Api-Key": "k", "Content-Type": "a"}) \
+        == {"Authorization": "***", "X-Api-Key": "***", "Content-Type": "a"}
