@@ -1,0 +1,214 @@
+"""The MongoDB source against a real replica set, end to end.
+
+Runs only when MONGODB_URI points at a replica set (or a mongos), e.g.
+``MONGODB_URI="mongodb://localhost:27017/?replicaSet=rs0"``; skipped otherwise, with
+the reason. Each test works in its own fresh database and drops it afterwards. The
+docs (docs/source-mongodb.md) show how to start a one-member replica set for this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from dbevents import ChangeBatch, Operation, SetupError, SourceSettings
+from dbevents.testing import SourceContract
+from dbevents_source_mongodb import MongoOptions, MongoSource
+from mongo_fake import flat, next_batches
+from pymongo import AsyncMongoClient
+
+URI = os.environ.get("MONGODB_URI", "")
+
+pytestmark = pytest.mark.skipif(
+    not URI, reason="MONGODB_URI is not set: these tests need a MongoDB replica set "
+                    "(see docs/source-mongodb.md); the wire-level tests cover the same "
+                    "cases against a scripted server")
+
+
+class RealDb:
+    def __init__(self, client: AsyncMongoClient[dict[str, Any]], name: str,
+                 hello: dict[str, Any]) -> None:
+        self.client = client
+        self.name = name
+        self.hello = hello
+        self.db = client[name]
+
+    def source(self, **options: Any) -> MongoSource:
+        return MongoSource(SourceSettings(name="real", url=URI,
+                                          options=MongoOptions(database=self.name, **options)))
+
+    def server_now_iso(self) -> str:
+        # The server's clock, not ours: startAtOperationTime is compared with it.
+        return (self.hello["localTime"] - timedelta(seconds=1)).isoformat()
+
+
+@pytest.fixture
+async def real() -> AsyncIterator[RealDb]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        URI, tz_aware=True, serverSelectionTimeoutMS=5000)
+    try:
+        hello = await client.admin.command("hello")
+        if not (hello.get("setName") or hello.get("msg") == "isdbgrid"):
+            pytest.skip("MONGODB_URI points at a standalone server, not a replica set")
+        name = f"dbevents_test_{uuid.uuid4().hex[:12]}"
+        await client[name].create_collection("orders")
+        yield RealDb(client, name, hello)
+        await client.drop_database(name)
+    finally:
+        await client.close()
+
+
+async def opened(source: MongoSource) -> tuple[AsyncIterator[ChangeBatch], ChangeBatch]:
+    await source.start()
+    it = source.changes(None).__aiter__()
+    return it, await asyncio.wait_for(it.__anext__(), 20)
+
+
+async def test_real_insert_update_replace_delete(real: RealDb) -> None:
+    source = real.source()
+    try:
+        it, first = await opened(source)
+        assert first.checkpoint is not None and first.changes == ()
+        orders = real.db.orders
+        oid = ObjectId()
+        await orders.insert_one({"_id": oid, "name": "ada", "tags": ["a"]})
+        await orders.update_one({"_id": oid}, {"$set": {"age": 36}, "$unset": {"tags": ""}})
+        # updateLookup reads the document when the event is read: read the update
+        # before the document changes again.
+        changes = flat(await next_batches(it, 2, 20))
+        await orders.replace_one({"_id": oid}, {"name": "grace"})
+        await orders.delete_one({"_id": oid})
+        changes += flat(await next_batches(it, 2, 20))
+        await it.aclose()  # type: ignore[attr-defined]
+    finally:
+        await source.close()
+    assert [c.operation for c in changes] == [Operation.INSERT, Operation.UPDATE,
+                                              Operation.UPDATE, Operation.DELETE]
+    assert {c.doc_id for c in changes} == {str(oid)}
+    assert {c.table for c in changes} == {"orders"}
+    assert len({c.key for c in changes}) == 4
+    assert all(c.time.tzinfo is not None for c in changes)
+    insert, update, replace, delete = changes
+    assert insert.doc == {"_id": str(oid), "name": "ada", "tags": ["a"]}
+    assert update.doc == {"_id": str(oid), "name": "ada", "age": 36}
+    assert update.extra["updateDescription"]["updatedFields"] == {"age": 36}
+    assert update.extra["updateDescription"]["removedFields"] == ["tags"]
+    assert replace.doc == {"_id": str(oid), "name": "grace"}
+    assert delete.doc == {"_id": str(oid)}
+
+
+async def test_real_pre_and_post_images(real: RealDb) -> None:
+    if int(real.hello.get("maxWireVersion", 0)) < 17:
+        pytest.skip("pre- and post-images need MongoDB 6.0+")
+    await real.db.command("collMod", "orders", changeStreamPreAndPostImages={"enabled": True})
+    source = real.source(full_document="required", full_document_before_change="required")
+    try:
+        it, _ = await opened(source)
+        await real.db.orders.insert_one({"_id": 1, "v": 1})
+        await real.db.orders.update_one({"_id": 1}, {"$set": {"v": 2}})
+        await real.db.orders.delete_one({"_id": 1})
+        _, update, delete = flat(await next_batches(it, 3, 20))
+        await it.aclose()  # type: ignore[attr-defined]
+    finally:
+        await source.close()
+    assert update.doc == {"_id": 1, "v": 2} and update.extra["old"] == {"_id": 1, "v": 1}
+    assert delete.doc == {"_id": 1, "v": 2}
+
+
+async def test_real_required_images_not_enabled(real: RealDb) -> None:
+    if int(real.hello.get("maxWireVersion", 0)) < 17:
+        pytest.skip("pre- and post-images need MongoDB 6.0+")
+    source = real.source(full_document_before_change="required")
+    try:
+        with pytest.raises(SetupError, match="changeStreamPreAndPostImages"):
+            await source.start()
+    finally:
+        await source.close()
+
+
+async def test_real_drop_database_invalidates_and_the_stream_restarts(real: RealDb) -> None:
+    source = real.source()
+    try:
+        it, _ = await opened(source)
+        await real.client.drop_database(real.name)
+        await real.db.fresh.insert_one({"_id": "after"})
+        [change] = flat(await next_batches(it, 1, 30))
+        await it.aclose()  # type: ignore[attr-defined]
+    finally:
+        await source.close()
+    assert (change.table, change.doc_id) == ("fresh", "after")
+
+
+async def test_real_history_lost(real: RealDb) -> None:
+    source = real.source(start_at="2001-01-01T00:00:00Z")  # before any oplog entry
+    try:
+        with pytest.raises(SetupError, match="fallen off the oplog"):
+            await opened(source)
+    finally:
+        await source.close()
+
+
+async def test_real_reset_position_skips_what_came_before(real: RealDb) -> None:
+    await real.db.orders.insert_one({"_id": "before"})
+    source = real.source()
+    try:
+        await source.start()
+        now = await source.current_position()
+        await real.db.orders.insert_one({"_id": "after"})
+        it = source.changes(now).__aiter__()
+        [change] = flat(await next_batches(it, 1, 20))
+        await it.aclose()  # type: ignore[attr-defined]
+    finally:
+        await source.close()
+    assert change.doc_id == "after"
+
+
+async def test_real_database_missing(real: RealDb) -> None:
+    source = MongoSource(SourceSettings(name="real", url=URI, options=MongoOptions(
+        database=f"{real.name}_missing")))
+    try:
+        with pytest.raises(SetupError, match="does not exist"):
+            await source.start()
+    finally:
+        await source.close()
+
+
+async def test_real_authentication_failure(real: RealDb) -> None:
+    scheme, rest = URI.split("://", 1)
+    rest = rest.split("@", 1)[-1]  # drop any credentials of the URI
+    url = f"{scheme}://dbevents-nobody:wrong-pw@{rest}"
+    source = MongoSource(SourceSettings(name="real", url=url,
+                                        options=MongoOptions(database=real.name)))
+    try:
+        with pytest.raises(SetupError, match="authentication to MongoDB") as err:
+            await source.start()
+    finally:
+        await source.close()
+    assert "wrong-pw" not in str(err.value)
+
+
+class _RealEnv:
+    def __init__(self, real: RealDb) -> None:
+        self.real = real
+        # No reader state lives on the server: a fixed start time makes "from the
+        # beginning" the same moment for every fresh source.
+        self.start_at = real.server_now_iso()
+
+    def make_source(self) -> MongoSource:
+        return self.real.source(start_at=self.start_at)
+
+    async def write(self, n: int) -> None:
+        for i in range(n):
+            await self.real.db.orders.insert_one({"n": i})
+
+
+class TestRealMongoSourceContract(SourceContract):
+    @pytest.fixture
+    def source_env(self, real: RealDb) -> _RealEnv:
+        return _RealEnv(real)
