@@ -84,6 +84,9 @@ class Engine:
         await self.store.open()
         opened: list[Any] = []
         try:
+            # Work enqueued or redelivered by another process (a CLI command, a
+            # second worker) wakes this dispatcher too.
+            self.store.subscribe(self.dispatcher.wake)
             self.source_id = self.config.eventing.source_id or await self.store.instance_id()
             for name, source in self.sources.items():
                 await source.start()

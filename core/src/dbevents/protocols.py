@@ -15,7 +15,17 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
 
-from dbevents.values import Change, ChangeBatch, Event, Finish, Outcome, Position, Status, Trigger
+from dbevents.values import (
+    Attempt,
+    Change,
+    ChangeBatch,
+    Event,
+    Finish,
+    Outcome,
+    Position,
+    Status,
+    Trigger,
+)
 
 
 @attrs.frozen
@@ -133,16 +143,21 @@ class Store(Protocol):
         ...
 
     def subscribe(self, wake: Callable[[], None]) -> None:
-        """Call ``wake`` when another process enqueued work. May do nothing."""
+        """Call ``wake`` (on the event loop) when another process enqueued or
+        redelivered work. A store that cannot tell may do nothing."""
 
     # The log, for the CLI.
     async def list_events(self, flt: EventFilter) -> list[Event]: ...
     async def get_event(self, event_id: str) -> Event | None: ...
-    async def attempts(self, event_id: str) -> list[Any]: ...
+    async def attempts(self, event_id: str) -> list[Attempt]: ...
     async def redeliver(
         self, ids: Sequence[str] | None, status: Status | None, trigger: str | None
     ) -> int: ...
-    async def purge(self, before: datetime, statuses: Sequence[Status]) -> int: ...
+    async def purge(self, before: datetime, statuses: Sequence[Status]) -> int:
+        """Delete events last updated before ``before`` whose status is in
+        ``statuses`` (only delivered and failed are ever purged), with their
+        attempts. Returns how many events went."""
+        ...
     async def stats(self) -> list[TriggerStats]: ...
     async def checkpoints(self) -> dict[str, Position]: ...
 

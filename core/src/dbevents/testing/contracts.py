@@ -224,6 +224,7 @@ class StoreContract:
         ev = make_event()
         await store.enqueue([ev], {})
         await self._claim_all(store)
+        await store.close()  # the worker dies holding its claim
         fresh = await open_store(role="worker")
         later = _now() + timedelta(seconds=self.LEASE + 5)
         assert [e.id for e in await self._claim_all(fresh, now=later)] == [ev.id]

@@ -267,8 +267,10 @@ class MemoryStore:
         return n
 
     async def purge(self, before: datetime, statuses: Sequence[Status]) -> int:
+        final = {Status.DELIVERED, Status.FAILED}
         gone = [e.id for e in self.s.events.values()
-                if e.status in statuses and (e.updated_at or before) < before]
+                if e.status in statuses and e.status in final
+                and (e.updated_at or before) < before]
         for eid in gone:
             del self.s.events[eid]
             self.s.attempts.pop(eid, None)
