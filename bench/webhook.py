@@ -1,0 +1,369 @@
+"""Webhook delivery throughput: the core Dispatcher + WebhookSink against the raw
+aiohttp ceiling, on this machine.
+
+    uv run python bench/webhook.py                    # all runs, best and median
+    uv run python bench/webhook.py --only "a,b'"      # some of them
+    uv run python bench/webhook.py --profile b        # cProfile of the timed part of (b)
+
+A local aiohttp receiver runs in a separate process (so client and server do not
+share one event loop) and answers every POST with an empty 200. Against it, with
+the same concurrency and connection pool settings:
+
+  (a)  the raw ceiling: a bare aiohttp client POSTing N pre-built JSON payloads;
+  (b)  the core Dispatcher + WebhookSink delivering N events from
+       dbevents.testing.MemoryStore, one event per POST;
+  (c)  the same with batch_size = 100;
+  (b') and (c'): (b) and (c) from IndexedStore below, an in-memory store whose
+       claim costs O(events claimed), to show the dispatcher + sink apart from
+       MemoryStore's O(events stored) claim.
+
+Targets: (b) >= 0.9 x (a); (c) >= 50,000 events/s. Runs are interleaved in
+rounds after a warm-up round, so load from other processes hits them alike. Besides
+events/s, each run reports the CPU time this (client) process spent per event,
+which depends much less on what else the machine is doing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import heapq
+import io
+import logging
+import multiprocessing as mp
+import os
+import pstats
+import socket
+import statistics
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from multiprocessing.connection import Connection
+from typing import Any
+
+import aiohttp
+import attrs
+import structlog
+from aiohttp import web
+from dbevents import Event, Finish, Status, StoreSettings, Trigger
+from dbevents.dispatcher import Dispatcher
+from dbevents.testing import MemoryStore, make_event, reset
+from dbevents_sink_webhook import WebhookOptions, WebhookSink
+
+# Set by --profile: enabled only around the timed part of a run.
+PROFILER: cProfile.Profile | None = None
+TARGET_RATIO = 0.9
+TARGET_BATCH_RATE = 50_000.0
+
+
+# -- the receiver, in its own process -----------------------------------------------
+
+
+def _serve(conn: Connection) -> None:
+    async def ok(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=200)
+
+    async def main() -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/{tail:.*}", ok)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock, backlog=1024).start()
+        conn.send(sock.getsockname()[1])
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # until told
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+class ReceiverProcess:
+    def __enter__(self) -> ReceiverProcess:
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+        self._proc.start()
+        self.port: int = self._conn.recv()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._conn.send("stop")
+        self._proc.join(5)
+        if self._proc.is_alive():
+            self._proc.terminate()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+# -- a store whose claim costs O(events claimed) ------------------------------------------
+
+
+class IndexedStore:
+    """Just what the Dispatcher calls (claim, finish, release, next_due), in memory,
+    keeping the store contract's per-row order, retries and leases, but indexed:
+    a claim touches only the events it hands out, and events are not copied on
+    every status change. Used for the (b') and (c') rows, to measure the
+    dispatcher + sink apart from dbevents.testing.MemoryStore, whose claim scans
+    and sorts every event ever stored."""
+
+    def __init__(self, events: list[Event]) -> None:
+        self.events: dict[str, Event] = {}
+        self.tries: dict[str, int] = {}  # attempts made, once there was one
+        self.rows: dict[tuple[str, str | None], deque[str]] = {}
+        self.ready: dict[str, list[tuple[int, str]]] = {}  # trigger -> heap of (seq, id)
+        self.delayed: list[tuple[datetime, int, str]] = []  # retries not yet due
+        self.leases: dict[str, datetime] = {}
+        for seq, ev in enumerate(events, 1):
+            ev = attrs.evolve(ev, seq=seq)
+            self.events[ev.id] = ev
+            row = self.rows.setdefault((ev.trigger, ev.doc_id), deque())
+            row.append(ev.id)
+            if len(row) == 1:
+                heapq.heappush(self.ready.setdefault(ev.trigger, []), (seq, ev.id))
+
+    def _make_ready(self, eid: str) -> None:
+        ev = self.events[eid]
+        heapq.heappush(self.ready.setdefault(ev.trigger, []), (ev.seq, eid))
+
+    async def claim(self, limits: Mapping[str, int], lease_seconds: float,
+                    now: datetime) -> list[Event]:
+        while self.delayed and self.delayed[0][0] <= now:
+            self._make_ready(heapq.heappop(self.delayed)[2])
+        for eid, until in list(self.leases.items()):
+            if until < now:  # an expired lease is due again
+                del self.leases[eid]
+                self._make_ready(eid)
+        out = []
+        lease = now + timedelta(seconds=lease_seconds)
+        for trigger, limit in limits.items():
+            heap = self.ready.get(trigger, [])
+            while heap and limit > 0:
+                eid = heapq.heappop(heap)[1]
+                ev = self.events[eid]
+                tries = self.tries.get(eid, 0)
+                if tries != ev.attempts:  # a retry: the dispatcher numbers attempts
+                    ev = self.events[eid] = attrs.evolve(ev, attempts=tries)
+                self.leases[eid] = lease
+                out.append(ev)
+                limit -= 1
+        return out
+
+    async def finish(self, results: Sequence[Finish]) -> None:
+        for f in results:
+            eid = f.event_id
+            self.leases.pop(eid, None)
+            self.tries[eid] = f.attempt.number
+            if f.status is Status.PENDING:
+                ev = self.events[eid]
+                heapq.heappush(self.delayed, (f.next_attempt_at or datetime.now(UTC), ev.seq,
+                                              eid))
+                continue
+            ev = self.events[eid]
+            row = self.rows[(ev.trigger, ev.doc_id)]
+            row.popleft()
+            if row:
+                self._make_ready(row[0])
+
+    async def release(self, event_ids: Sequence[str]) -> None:
+        for eid in event_ids:
+            if self.leases.pop(eid, None) is not None:
+                self._make_ready(eid)
+
+    async def next_due(self) -> datetime | None:
+        dues = [self.delayed[0][0]] if self.delayed else []
+        return min(dues + list(self.leases.values()), default=None)
+
+
+# -- the three runs -------------------------------------------------------------------
+
+
+def _connector() -> aiohttp.TCPConnector:
+    # The same pool settings the sink uses, so (a) and (b) differ only in what
+    # happens around each POST.
+    sink = WebhookSink()
+    return aiohttp.TCPConnector(limit=sink.limit, limit_per_host=sink.limit_per_host,
+                                keepalive_timeout=sink.keepalive_timeout)
+
+
+# CPU share of the client process during the last timed block: near 1.0 means
+# the client side (this process) is the bottleneck, lower means it waited.
+LAST_CPU = 0.0
+
+
+@contextlib.contextmanager
+def _timed() -> Iterator[Callable[[], float]]:
+    """Seconds spent inside the block (read after it), profiled under --profile."""
+    global LAST_CPU
+    box = [0.0]
+    if PROFILER is not None:
+        PROFILER.enable()
+    started, cpu = time.perf_counter(), time.process_time()
+    try:
+        yield lambda: box[0]
+    finally:
+        box[0] = time.perf_counter() - started
+        LAST_CPU = (time.process_time() - cpu) / box[0]
+        if PROFILER is not None:
+            PROFILER.disable()
+
+
+async def run_raw(url: str, n: int, concurrency: int) -> float:
+    """(a): N pre-built payloads, `concurrency` POSTs in flight; events/s."""
+    payloads = [make_event(trigger="bench", doc_id=str(i), n=i).payload for i in range(n)]
+    headers = {"Content-Type": "application/json"}
+    timeout = aiohttp.ClientTimeout(total=5.0)
+    async with aiohttp.ClientSession(connector=_connector()) as session:
+        it = iter(payloads)
+
+        async def worker() -> None:
+            for body in it:
+                async with session.post(url, data=body, headers=headers,
+                                        timeout=timeout) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise RuntimeError(f"receiver answered {resp.status}")
+
+        with _timed() as elapsed:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return n / elapsed()
+
+
+async def run_dispatcher(url: str, n: int, concurrency: int, batch_size: int,
+                         indexed: bool = False) -> float:
+    """(b)/(c): N events in a MemoryStore (or the IndexedStore), delivered by the
+    core Dispatcher through the WebhookSink; events/s from the dispatcher's start
+    to the last finish."""
+    reset()
+    # Distinct rows: per-row order never holds an event back, as in a busy table.
+    events = [make_event(trigger="bench", doc_id=str(i), n=i) for i in range(n)]
+    store: Any
+    if indexed:
+        store = IndexedStore(events)
+    else:
+        store = MemoryStore(StoreSettings(url=f"memory://bench-{uuid.uuid4().hex}"))
+        await store.open()
+        await store.enqueue(events, {})
+    trigger = Trigger(name="bench", url=url, concurrency=concurrency, timeout=5000,
+                      sink_options=WebhookOptions(batch_size=batch_size))
+    sink = WebhookSink()
+    await sink.open()
+    dispatcher = Dispatcher(store, [trigger], {"webhook": sink})
+    stop = asyncio.Event()
+    with _timed() as elapsed:
+        task = asyncio.create_task(dispatcher.run(stop))
+        while dispatcher.delivered + dispatcher.failed < n:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.005)
+    stop.set()
+    await task
+    await sink.close()
+    if dispatcher.failed:
+        raise RuntimeError(f"{dispatcher.failed} events failed")
+    return n / elapsed()
+
+
+def profile(make: Callable[[], Coroutine[Any, Any, float]], top: int,
+            out_file: str | None = None) -> None:
+    global PROFILER
+    asyncio.run(make())  # warm-up, not profiled
+    prof = PROFILER = cProfile.Profile()
+    rate = asyncio.run(make())
+    PROFILER = None
+    if out_file:
+        prof.dump_stats(out_file)
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    print(f"profiled run: {rate:,.0f} events/s (slowed by the profiler)")
+    print(out.getvalue())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=5_000,
+                        help="N for one event per POST: (a), (b), (b')")
+    parser.add_argument("--batch-events", type=int, default=50_000,
+                        help="N for batches: (c), (c')")
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="POSTs in flight (the trigger's `concurrency`)")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", default="a,b,b',c,c'",
+                        help="comma-separated runs to measure")
+    parser.add_argument("--profile", choices=["a", "b", "b'", "c", "c'"],
+                        help="profile one run instead of measuring")
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--profile-out", help="also save the profile (pstats) to this file")
+    args = parser.parse_args()
+
+    # The dispatcher logs one info line per POST; a production deployment ships
+    # those, but writing them to a terminal would measure the terminal. Loggers
+    # are cached as `dbevents run` does (dbevents.logs.setup).
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+                        cache_logger_on_first_use=True)
+
+    n, nb, conc, size = args.events, args.batch_events, args.concurrency, args.batch_size
+    with ReceiverProcess() as receiver:
+        url = receiver.url()
+        runs: dict[str, tuple[str, Callable[[], Coroutine[Any, Any, float]]]] = {
+            "a": (f"raw aiohttp client, 1 event/POST, N={n:,}",
+                  lambda: run_raw(url, n, conc)),
+            "b": (f"dispatcher + sink, MemoryStore, 1 event/POST, N={n:,}",
+                  lambda: run_dispatcher(url, n, conc, 1)),
+            "b'": (f"dispatcher + sink, indexed store, 1 event/POST, N={n:,}",
+                   lambda: run_dispatcher(url, n, conc, 1, indexed=True)),
+            "c": (f"dispatcher + sink, MemoryStore, {size} events/POST, N={nb:,}",
+                  lambda: run_dispatcher(url, nb, conc, size)),
+            "c'": (f"dispatcher + sink, indexed store, {size} events/POST, N={nb:,}",
+                   lambda: run_dispatcher(url, nb, conc, size, indexed=True)),
+        }
+        if args.profile:
+            profile(runs[args.profile][1], args.top, args.profile_out)
+            return 0
+        print(f"receiver: aiohttp in its own process on {url}; concurrency {conc}; "
+              f"best of {args.repeat} after a warm-up; {os.cpu_count()} CPUs", flush=True)
+        keys = [k.strip() for k in args.only.split(",")]
+        seen: dict[str, list[tuple[float, float]]] = {k: [] for k in keys}
+        # Rounds interleave the runs, so a neighbour's load on this machine hits
+        # them alike; round 0 is a warm-up (imports, first connections).
+        for round_ in range(args.repeat + 1):
+            for key in keys:
+                rate = asyncio.run(runs[key][1]())
+                if round_:
+                    seen[key].append((rate, LAST_CPU))
+                    print(f"  round {round_} ({key}): {rate:,.0f} events/s, "
+                          f"client CPU {LAST_CPU:.0%}", flush=True)
+        rates: dict[str, float] = {}
+        print(f"\n{'events/s':<64} {'best':>9} {'median':>9}  client CPU µs/event")
+        for key in keys:
+            rates[key] = max(r for r, _ in seen[key])
+            median = statistics.median(r for r, _ in seen[key])
+            # CPU time this process spent per event: what the client side costs,
+            # whatever the neighbours on this machine were doing meanwhile.
+            cost = statistics.median(cpu / r * 1e6 for r, cpu in seen[key])
+            print(f"({key}){' ' if len(key) == 1 else ''} {runs[key][0]:<58} "
+                  f"{rates[key]:>9,.0f} {median:>9,.0f}  {cost:>8,.1f}")
+    for key in ("b", "b'"):
+        if key in rates and "a" in rates:
+            ratio = rates[key] / rates["a"]
+            print(f"({key})/(a) = {ratio:.3f}  (target >= {TARGET_RATIO}): "
+                  f"{'met' if ratio >= TARGET_RATIO else 'MISSED'}")
+    for key in ("c", "c'"):
+        if key in rates:
+            print(f"({key}) = {rates[key] / TARGET_BATCH_RATE:.2f} x the "
+                  f"{TARGET_BATCH_RATE:,.0f} events/s target: "
+                  f"{'met' if rates[key] >= TARGET_BATCH_RATE else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
