@@ -24,6 +24,7 @@ from dbevents.values import Attempt, Event, Finish, Outcome, Status, Trigger
 log = structlog.get_logger("dbevents.dispatcher")
 
 LEASE_MARGIN = 30.0  # seconds beyond the longest attempt a claim stays ours
+RECHECK = 0.5  # seconds between next-retry look-ups while deliveries are in flight
 
 
 def backoff_delay(trigger: Trigger, attempt: int, retry_after: float | None,
@@ -63,7 +64,9 @@ class Dispatcher:
         self.triggers = {t.name: t for t in triggers}
         self.sinks = sinks
         self.finish_batch = finish_batch
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
+        self._woken = False
+        self._due_asked = 0.0
         self._inflight: dict[str, int] = {t: 0 for t in self.triggers}
         self._tasks: set[asyncio.Task[None]] = set()
         self._task_events: dict[asyncio.Task[None], list[Event]] = {}
@@ -79,7 +82,24 @@ class Dispatcher:
         self.failed = 0
 
     def wake(self) -> None:
-        self._wake.set()
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _sleep(self, seconds: float | None) -> None:
+        """Until wake() or ``seconds``; a future, not a task per pass (cheap when busy)."""
+        if self._woken:
+            return
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = loop.call_later(seconds, self.wake) if seconds is not None else None
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
     # -- the claim loop ----------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -94,9 +114,10 @@ class Dispatcher:
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:
         stop_wait = asyncio.ensure_future(stop.wait())
+        stop_wait.add_done_callback(lambda _: self.wake())
         try:
             while not stop.is_set():
-                self._wake.clear()
+                self._woken = False
                 limits = {name: cap - self._inflight[name]
                           for name, cap in self._capacity.items()
                           if cap - self._inflight[name] > 0}
@@ -111,17 +132,20 @@ class Dispatcher:
                         self._start(events)
                     if not timeout and sum(limits.values()) > len(events):
                         # Everything due is out; sleep until the next retry is due.
-                        due = await self._next_due()
-                        if due is not None:
-                            # Floor: a due time already past means the claim raced
-                            # a finish; a wake-up will come, don't spin meanwhile.
-                            timeout = max(0.05, (due - _now()).total_seconds())
+                        # While deliveries are in flight their results wake us, so
+                        # the store is asked at most every RECHECK seconds.
+                        if self._tasks and time.monotonic() - self._due_asked < RECHECK:
+                            timeout = RECHECK
+                        else:
+                            self._due_asked = time.monotonic()
+                            due = await self._next_due()
+                            if due is not None:
+                                # Floor: a due time already past means the claim raced
+                                # a finish; a wake-up will come, don't spin meanwhile.
+                                timeout = max(0.05, (due - _now()).total_seconds())
                     elif events:
                         continue  # more may be due right away
-                wake = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait({wake, stop_wait}, timeout=timeout,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                wake.cancel()
+                await self._sleep(timeout)
         finally:
             stop_wait.cancel()
 
