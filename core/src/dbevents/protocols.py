@@ -135,7 +135,8 @@ class Store(Protocol):
         """Record attempts and new statuses, in one transaction."""
 
     async def release(self, event_ids: Sequence[str]) -> None:
-        """Give claims back unattempted (on shutdown): pending again, due now."""
+        """Give this worker's claims back unattempted (on shutdown): pending
+        again, due now. Claims another worker holds are left alone."""
 
     async def next_due(self) -> datetime | None:
         """When the next claim could hand something out: the earliest due time of
