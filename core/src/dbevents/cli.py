@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import sys
@@ -151,6 +150,10 @@ def plugins_cmd(state: State) -> None:
     """List loaded plugins: kind, name, distribution, version."""
     header = ("KIND", "NAME", "DISTRIBUTION", "VERSION", "ENTRY POINT")
     rows = [(i.kind, i.name, i.distribution, i.version, i.plugin) for i in state.plugins.all()]
+    # Plugins that only add commands (or nothing) are listed too.
+    named = {i.plugin for i in state.plugins.all()}
+    rows += [("commands", name, dist, ver or "?", name)
+             for _, name, dist, ver in state.plugins.modules if name not in named]
     widths = [max([len(h)] + [len(r[c]) for r in rows]) for c, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     click.echo(fmt.format(*header).rstrip())
@@ -279,8 +282,10 @@ def status(state: State, as_json: bool) -> None:
             src_cls = state.plugins.get("source", db.type)
             probe = getattr(src_cls, "probe_status", None)
             if probe is not None:
-                with contextlib.suppress(Exception):
+                try:
                     info.update(await probe(db.url, db.options, name))
+                except Exception as exc:  # the database may be down; say so, don't fail
+                    info["probe"] = f"unavailable ({type(exc).__name__})"
             sources[name] = info
         return stats, sources
 

@@ -1,0 +1,1 @@
+"""`dbevents demo`: database changes becoming webhooks, with nothing to set up."""
