@@ -119,6 +119,13 @@ class _Server:
         self._shutdown()
         self._launch()
 
+    def pause(self, seconds: float) -> None:
+        """An outage: shut down, stay down for ``seconds``, start again (same port
+        and data)."""
+        self._shutdown()
+        time.sleep(seconds)
+        self._launch()
+
     def __enter__(self) -> _Server:
         return self.start()
 
