@@ -11,6 +11,14 @@ def test_mask_dsn() -> None:
     assert mask_dsn("mysql://root:@127.0.0.1:3306/x") == "mysql://root:***@127.0.0.1:3306/x"
     assert mask_dsn("postgresql://db/app?user=a&password=hunter2&sslmode=require") == \
         "postgresql://db/app?user=a&password=***&sslmode=require"
+    assert mask_dsn("postgresql://u:p@ss@h/db") == "postgresql://u:***@h/db"
+    assert mask_dsn("host=db port=5432 password=S3cretPW user=app") == \
+        "host=db port=5432 password=*** user=app"
+    assert mask_dsn("host=db password='a b\\'c' dbname=x") == "host=db password=*** dbname=x"
+    assert mask_dsn("mongodb://h/db?tlsCertificateKeyFilePassword=pw&authMechanismProperties="
+                    "AWS_SESSION_TOKEN:tok&replicaSet=rs0") == \
+        "mongodb://h/db?tlsCertificateKeyFilePassword=***&authMechanismProperties=***" \
+        "&replicaSet=rs0"
 
 
 def test_mask_url_and_headers() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -108,8 +109,22 @@ def run(state: State) -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal() -> None:
+            # The first signal stops gracefully; a second one exits at once
+            # (attempts in flight are then delivered again after a restart).
+            nonlocal signals
+            signals += 1
+            if signals == 1:
+                log.info("stopping: finishing attempts in flight (signal again to exit now)")
+                engine.stop()
+            else:
+                log.warning("second signal: exiting now")
+                os._exit(130)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, engine.stop)
+            loop.add_signal_handler(sig, on_signal)
         await engine.run()
 
     try:

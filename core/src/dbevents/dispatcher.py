@@ -25,6 +25,7 @@ log = structlog.get_logger("dbevents.dispatcher")
 
 LEASE_MARGIN = 30.0  # seconds beyond the longest attempt a claim stays ours
 RECHECK = 0.5  # seconds between next-retry look-ups while deliveries are in flight
+STOP_GRACE = 5.0  # seconds a stopping dispatcher keeps trying to record results
 
 
 def backoff_delay(trigger: Trigger, attempt: int, retry_after: float | None,
@@ -67,6 +68,9 @@ class Dispatcher:
         self._waiter: asyncio.Future[None] | None = None
         self._woken = False
         self._due_asked = 0.0
+        self._inflight_ids: set[str] = set()
+        self._holding = False  # results wait for an unavailable store
+        self._give_up_at = 0.0
         self._inflight: dict[str, int] = {t: 0 for t in self.triggers}
         self._tasks: set[asyncio.Task[None]] = set()
         self._task_events: dict[asyncio.Task[None], list[Event]] = {}
@@ -109,6 +113,9 @@ class Dispatcher:
         finally:
             self._stopping = True
             await self._drain()
+            # Results the store cannot take are given up after a while: stopping
+            # must not hang on a dead store (those events are delivered again).
+            self._give_up_at = time.monotonic() + STOP_GRACE
             self._done_ready.set()
             await finisher
 
@@ -122,12 +129,20 @@ class Dispatcher:
                           for name, cap in self._capacity.items()
                           if cap - self._inflight[name] > 0}
                 timeout: float | None = None
+                if self._holding:
+                    # Results are waiting for the store: claiming now could hand
+                    # out again (expired leases) events whose outcome we hold.
+                    limits = {}
+                    timeout = 1.0
                 if limits:
                     try:
                         events = await self.store.claim(limits, self.lease_seconds, _now())
                     except Exception as exc:  # the store may come back; keep the loop alive
                         log.warning("claim failed; delivery paused", error=str(exc))
                         events, timeout = [], 1.0
+                    # An event still in flight here (its lease ran out while its
+                    # result was held) is not sent again.
+                    events = [ev for ev in events if ev.id not in self._inflight_ids]
                     if events:
                         self._start(events)
                     if not timeout and sum(limits.values()) > len(events):
@@ -164,6 +179,7 @@ class Dispatcher:
             sink = self.sinks[trigger.sink]
             size = max(1, sink.batch_size(trigger))
             self._inflight[name] += len(evs)
+            self._inflight_ids.update(ev.id for ev in evs)
             for i in range(0, len(evs), size):
                 chunk = evs[i:i + size]
                 task = asyncio.create_task(self._deliver(trigger, sink, chunk))
@@ -224,14 +240,21 @@ class Dispatcher:
         while True:
             try:
                 await self.store.finish([f for f, _, _ in batch])
+                self._holding = False
                 break
             except Exception as exc:  # hold the results until the store is back
+                self._holding = True
+                if self._give_up_at and time.monotonic() > self._give_up_at:
+                    log.error("stopping without recording results; those events will be "
+                              "delivered again", error=str(exc), events=len(batch))
+                    return
                 log.warning("recording results failed; held until the store is back",
                             error=str(exc), held=len(batch))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
         for f, name, _ in batch:
             self._inflight[name] -= 1
+            self._inflight_ids.discard(f.event_id)
             if f.status is Status.DELIVERED:
                 self.delivered += 1
             elif f.status is Status.FAILED:

@@ -167,7 +167,7 @@ class Engine:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     if isinstance(item, EOFError):
-                        return
+                        raise SourceUnavailable("the change stream ended")
                     raise item
                 batches = [item]
                 size = len(item.changes)
@@ -177,7 +177,7 @@ class Engine:
                     if isinstance(nxt, BaseException):
                         await self._store_batches(name, source, batches)
                         if isinstance(nxt, EOFError):
-                            return
+                            raise SourceUnavailable("the change stream ended")
                         raise nxt
                     batches.append(nxt)
                     size += len(nxt.changes)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import uuid
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
+import structlog
+
 from dbevents.values import Change, Event, Trigger
+
+log = structlog.get_logger("dbevents.envelope")
 
 # Fixed namespace: the same change and trigger give the same id on every machine.
 NAMESPACE = uuid.UUID("6f1c1c0e-8a3f-5b7e-9d2a-3c4b5d6e7f80")
@@ -45,11 +50,30 @@ def _default(value: Any) -> Any:
     return str(value)
 
 
-_encoder = json.JSONEncoder(default=_default, ensure_ascii=False, separators=(",", ":"))
+_encoder = json.JSONEncoder(default=_default, ensure_ascii=False, allow_nan=False,
+                            separators=(",", ":"))
+_ascii_encoder = json.JSONEncoder(default=_default, ensure_ascii=True, allow_nan=False,
+                                  separators=(",", ":"))
 
 
 def dumps(obj: Any) -> bytes:
-    return _encoder.encode(obj).encode("utf-8")
+    """Valid JSON whatever the database handed over: strings that are not valid
+    UTF-8 (lone surrogates from a json column's escapes) are written as JSON
+    \\u escapes, and NaN/Infinity (not JSON) as the strings "NaN", "Infinity"."""
+    try:
+        return _encoder.encode(obj).encode("utf-8")
+    except (UnicodeEncodeError, ValueError):
+        return _ascii_encoder.encode(_finite(obj)).encode("ascii")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def payload(change: Change, id_: str, source_id: str) -> dict[str, Any]:
@@ -73,6 +97,20 @@ def payload(change: Change, id_: str, source_id: str) -> dict[str, Any]:
 
 def build_event(change: Change, trigger: Trigger, source_id: str) -> Event:
     id_ = event_id(change.database, change.key, trigger.name)
+    try:
+        body = dumps(payload(change, id_, source_id))
+    except Exception as exc:
+        # One row that cannot be encoded must not stop capture for good (the
+        # replay would fail the same way): send the event without its row,
+        # saying why, and log it.
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error("row could not be encoded; sent without doc", event_id=id_,
+                  database=change.database, table=change.table, doc_id=change.doc_id,
+                  error=reason)
+        broken = payload(change, id_, source_id)
+        broken["data"] = {"db": change.db_type, "col": change.table, "docId": change.doc_id,
+                          "doc": None, "error": f"the row could not be encoded: {reason}"}
+        body = dumps(broken)
     return Event(
         id=id_,
         trigger=trigger.name,
@@ -81,5 +119,5 @@ def build_event(change: Change, trigger: Trigger, source_id: str) -> Event:
         table=change.table,
         doc_id=change.doc_id,
         type=change.operation.event_type,
-        payload=dumps(payload(change, id_, source_id)),
+        payload=body,
     )

@@ -11,18 +11,30 @@ _SECRET_HEADER_WORDS = ("authorization", "token", "secret", "key", "password", "
                         "signature", "auth")
 
 
-_USERINFO = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:@/]*):[^@/]*@")
-_QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd|pwd|secret|token|sslpassword)=)[^&#]*")
+_QUERY_SECRET = re.compile(
+    r"(?i)([?&;][^=&#]*(?:pass|secret|token|key|credential|auth)[^=&#]*=)[^&#;]*")
+_KV_SECRET = re.compile(r"(?i)\b(\w*password)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
 
 
 def mask_dsn(url: str) -> str:
-    """The URL with any password replaced: postgresql://app:***@host/db.
+    """A connection string with its secrets replaced: postgresql://app:***@host/db.
 
-    Text-based, so multi-host URLs (mongodb://u:p@h1:1,h2:2/db) work too; a
-    password in the query string (?password=...) is masked as well.
+    Text-based, so multi-host URLs (mongodb://u:p@h1:1,h2:2/db), passwords with
+    an unescaped "@", secrets in the query string (?password=..., ?...token=...)
+    and libpq key/value strings (host=db password=...) are all covered.
     """
-    masked = _USERINFO.sub(lambda m: f"{m.group('head')}:{MASK}@", url, count=1)
-    return _QUERY_SECRET.sub(lambda m: m.group(1) + MASK, masked)
+    if "://" not in url:
+        return _KV_SECRET.sub(lambda m: f"{m.group(1)}={MASK}", url)
+    scheme, rest = url.split("://", 1)
+    cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0),
+              default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    if "@" in authority:
+        userinfo, hosts = authority.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":" + MASK
+        authority = f"{userinfo}@{hosts}"
+    return f"{scheme}://{authority}" + _QUERY_SECRET.sub(lambda m: m.group(1) + MASK, tail)
 
 
 def mask_url(url: str) -> str:

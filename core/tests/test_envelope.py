@@ -1,0 +1,61 @@
+"""The CloudEvents envelope: exact shape, stable ids, and valid JSON whatever
+a database hands over."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+
+from dbevents.envelope import build_event, dumps, event_id, iso_time
+from dbevents.values import Change, Operation, Trigger
+
+T = Trigger(name="t", url="http://x")
+
+
+def change(doc: object, key: str = "0/1:0") -> Change:
+    return Change(database="app", db_type="sql-postgres", table="users",
+                  operation=Operation.INSERT, key=key,
+                  time=datetime(2019, 10, 19, 12, 40, 50, 53000, tzinfo=UTC),
+                  doc_id="1", doc=doc)  # type: ignore[arg-type]
+
+
+def test_exact_seed_payload() -> None:
+    ev = build_event(change({"id": 1, "n": Decimal("1.10")}), T, "src")
+    body = json.loads(ev.payload)
+    assert body == {
+        "specversion": "1.0", "id": ev.id, "type": "DB_INSERT", "source": "src",
+        "time": "2019-10-19T12:40:50.053Z",
+        "data": {"db": "sql-postgres", "col": "users", "docId": "1",
+                 "doc": {"id": 1, "n": "1.10"}},
+    }
+
+
+def test_ids_are_stable_and_distinct() -> None:
+    assert event_id("app", "0/1:0", "t") == event_id("app", "0/1:0", "t")
+    assert len({event_id("app", "0/1:0", "t"), event_id("app", "0/1:1", "t"),
+                event_id("app", "0/1:0", "u"), event_id("other", "0/1:0", "t")}) == 4
+    assert build_event(change({}), T, "a").id == build_event(change({}), T, "b").id
+
+
+def test_time_is_utc_with_milliseconds() -> None:
+    t = datetime(2024, 1, 1, 1, 0, 0, 123456, tzinfo=timezone(timedelta(hours=1)))
+    assert iso_time(t) == "2024-01-01T00:00:00.123Z"
+
+
+def test_lone_surrogates_and_non_finite_numbers_stay_valid_json() -> None:
+    body = dumps({"s": "a\ud800b", "f": [float("nan"), float("inf"), -float("inf"), 1.5]})
+    parsed = json.loads(body)  # strict parse: no NaN tokens, valid escapes
+    assert parsed == {"s": "a\ud800b", "f": ["NaN", "Infinity", "-Infinity", 1.5]}
+    assert b"NaN," not in body.replace(b'"NaN"', b"")
+
+
+def test_an_unencodable_row_is_sent_without_doc_instead_of_stopping_capture() -> None:
+    class Bad:
+        def __str__(self) -> str:
+            raise RuntimeError("no text form")
+
+    ev = build_event(change({"x": Bad()}), T, "src")
+    data = json.loads(ev.payload)["data"]
+    assert data["doc"] is None and "no text form" in data["error"]
+    assert data["docId"] == "1" and ev.type == "DB_INSERT"
