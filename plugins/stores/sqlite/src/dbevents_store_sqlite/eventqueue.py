@@ -79,7 +79,7 @@ WHERE {ACTIVE_SQL} AND trigger_name = ? AND doc_id IS ?
 
 
 def enqueue(conn: sqlite3.Connection, events: Sequence[Event],
-            checkpoints: Mapping[str, Position]) -> int:
+            checkpoints: Mapping[str, Position], durable: bool = False) -> int:
     now = now_us()
     rows = [(e.id, e.trigger, e.database, e.db_type, e.table, e.doc_id, e.type, now,
              e.payload) for e in events]
@@ -94,7 +94,13 @@ def enqueue(conn: sqlite3.Connection, events: Sequence[Event],
                              [(source, pos.value, now) for source, pos in checkpoints.items()])
         return new
 
-    return write(conn, body)
+    if not durable:
+        return write(conn, body)
+    conn.execute("PRAGMA synchronous = FULL")  # this commit fsyncs the WAL
+    try:
+        return write(conn, body)
+    finally:
+        conn.execute("PRAGMA synchronous = NORMAL")
 
 
 def claim(conn: sqlite3.Connection, limits: Mapping[str, int], lease_seconds: float,
