@@ -45,8 +45,9 @@ class Plan:
     slot_release_wait: float = 2.0  # a previous session's walsender may still be exiting
 
 
-async def run(conn: Conn, plan: Plan) -> list[TableInfo]:
-    """Check everything and create what is missing; return the watched tables."""
+async def run(conn: Conn, plan: Plan) -> tuple[list[TableInfo], bool]:
+    """Check everything and create what is missing; return the watched tables and
+    whether the slot had to be created."""
     await check_server(conn)
     role = await check_role(conn)
     await check_replication_connection(plan)
@@ -58,8 +59,8 @@ async def run(conn: Conn, plan: Plan) -> list[TableInfo]:
         tables = await catalog.publication_tables(conn, plan.publication)
         check_privileges(tables, role)
         warn_without_primary_key(tables, plan.database)
-    await ensure_slot(conn, plan)
-    return tables
+    created = await ensure_slot(conn, plan)
+    return tables, created
 
 
 async def _show(conn: Conn, name: str) -> str:
@@ -213,7 +214,8 @@ async def _ddl(conn: Conn, statement: str, role: str, why: str) -> None:
             "Run it as a role that may, then start dbevents again.") from None
 
 
-async def ensure_slot(conn: Conn, plan: Plan) -> None:
+async def ensure_slot(conn: Conn, plan: Plan) -> bool:
+    """The slot, created when missing; True if it was created now."""
     info = await catalog.slot_info(conn, plan.slot)
     if info is None:
         try:
@@ -228,7 +230,7 @@ async def ensure_slot(conn: Conn, plan: Plan) -> None:
             pass  # another process created it a moment ago: checked below
         else:
             log.info("replication slot created", database=plan.database, slot=plan.slot)
-            return
+            return True
         info = await catalog.slot_info(conn, plan.slot)
         assert info is not None
     if info.slot_type != "logical" or info.plugin != "pgoutput":
@@ -248,7 +250,8 @@ async def ensure_slot(conn: Conn, plan: Plan) -> None:
         raise SetupError(
             f"the replication slot {plan.slot!r} was invalidated: PostgreSQL removed WAL it "
             "still needed (max_slot_wal_keep_size), so changes were lost. Drop it "
-            f"(dbevents postgres drop-slot {plan.database}) and start again.")
+            f"(dbevents postgres drop-slot {plan.database}), then restart from now with "
+            f"dbevents postgres reset-position {plan.database}.")
     deadline = time.monotonic() + plan.slot_release_wait
     while info.active and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
@@ -259,6 +262,7 @@ async def ensure_slot(conn: Conn, plan: Plan) -> None:
             f"(PostgreSQL backend pid {info.active_pid}). Stop the other reader (another "
             "dbevents running the same config?), or give this database its own slot with "
             "slot = ...")
+    return False
 
 
 # Words PostgreSQL reserves (fully, or except as function and type names): an

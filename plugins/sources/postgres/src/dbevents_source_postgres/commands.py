@@ -8,6 +8,7 @@ from typing import Any, NoReturn
 
 import click
 import psycopg
+from dbevents import Position
 from dbevents.errors import DbeventsError
 from dbevents.masking import mask_dsn
 
@@ -75,3 +76,65 @@ async def _drop(url: str, slot: str, where: str) -> str | None:
         return None
     finally:
         await conn.close()
+
+
+@postgres.command("reset-position")
+@click.argument("database")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def reset_position(state: Any, database: str, yes: bool) -> None:
+    """Go on from now after the slot of [databases.DATABASE] was lost.
+
+    Creates the slot if it is missing and moves the checkpoint in the eventing DB
+    to the slot's position: changes made between the old checkpoint and now are
+    not captured. Stop dbevents first.
+    """
+    try:
+        cfg = state.config
+    except DbeventsError as exc:
+        _fail(str(exc), exc.exit_code)
+    db = cfg.databases.get(database)
+    if db is None:
+        _fail(f"no [databases.{database}] section in {cfg.path} "
+              f"(defined: {', '.join(sorted(cfg.databases)) or 'none'})", 2)
+    if state.plugins.get("source", db.type) is not PostgresSource:
+        _fail(f"[databases.{database}] is of type {db.type!r}, not a postgres database", 2)
+    slot = slot_name(database, db.options)
+    where = mask_dsn(db.url)
+    if not yes:
+        click.confirm(
+            f"Move the checkpoint of {database!r} to the current position of the slot "
+            f"{slot!r} on {where}? Changes made since the old checkpoint will not be "
+            "captured.", abort=True)
+    try:
+        old, new = asyncio.run(_reset(state, database, db.url, slot))
+    except psycopg.Error as exc:
+        _fail(f"cannot reach {where}: {str(exc).strip()}")
+    except DbeventsError as exc:
+        _fail(str(exc), exc.exit_code)
+    click.echo(f"checkpoint of {database!r}: {old or 'none'} -> {new}")
+
+
+async def _reset(state: Any, database: str, url: str, slot: str) -> tuple[str | None, str]:
+    conn = await catalog.connect(url, 10)
+    try:
+        info = await catalog.slot_info(conn, slot)
+        if info is None:
+            await conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')",
+                               (slot,))
+            info = await catalog.slot_info(conn, slot)
+        assert info is not None and info.confirmed_flush is not None
+        if info.active:
+            raise DbeventsError(f"the replication slot {slot!r} is in use (PostgreSQL backend "
+                                f"pid {info.active_pid}); stop dbevents first")
+        position = info.confirmed_flush
+    finally:
+        await conn.close()
+    store = state.store()
+    await store.open()
+    try:
+        old = await store.checkpoint(database)
+        await store.enqueue([], {database: Position(position)})
+    finally:
+        await store.close()
+    return (old.value if old else None), position

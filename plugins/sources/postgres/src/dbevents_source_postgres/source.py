@@ -123,6 +123,7 @@ class PostgresSource:
         self._catalog: catalog.Conn | None = None
         self._stream: ReplicationStream | None = None
         self._confirmed = 0  # everything up to here is durable in the store
+        self._slot_created = False  # start() made the slot: nothing older is kept
         self._yielded = 0  # the last checkpoint handed to the engine
         # Tables no trigger watches (published because of publish_all or FOR ALL
         # TABLES) still count in the change index, but make no Change.
@@ -147,12 +148,27 @@ class PostgresSource:
             connect_timeout=self.options.connect_timeout,
             slot_release_wait=self.slot_release_wait)
         try:
-            await checks.run(conn, plan)
+            _, self._slot_created = await checks.run(conn, plan)
         except psycopg.Error as exc:
             raise SetupError(f"checking {mask_dsn(self.settings.url)} failed: "
                              f"{_first_line(exc)}") from None
         log.info("postgres source ready", database=self.settings.name, slot=self.slot,
                  publication=self.publication, url=mask_dsn(self.settings.url))
+
+    async def _refuse_new_slot(self, since: Position) -> None:
+        """A checkpoint exists but the slot did not: PostgreSQL no longer holds the
+        changes after the checkpoint. Say so instead of silently going on from now;
+        the slot just made is dropped so the next start says so again."""
+        with contextlib.suppress(psycopg.Error):
+            conn = await self._catalog_conn()
+            await conn.execute("SELECT pg_drop_replication_slot(%s)", (self.slot,))
+        self._slot_created = False
+        raise SetupError(
+            f"the replication slot {self.slot!r} of {self.settings.name!r} was missing although "
+            f"dbevents had captured up to {since.value}: it was dropped (or the database was "
+            "replaced), so PostgreSQL no longer has the changes made since, and they cannot "
+            "be captured. To go on from now, accepting that gap, run "
+            f"`dbevents postgres reset-position {self.settings.name}` with dbevents stopped.")
 
     async def close(self) -> None:
         stream, self._stream = self._stream, None
@@ -200,6 +216,10 @@ class PostgresSource:
         except ValueError:
             raise SetupError(f"the checkpoint {since} of {self.settings.name!r} is not a "
                              "PostgreSQL LSN; was the database's type changed?") from None
+        if since is not None and self._slot_created:
+            await self._refuse_new_slot(since)
+        # From here on every checkpoint comes from this slot's own stream.
+        self._slot_created = False
         # The store holds everything up to `since`; what an earlier iteration
         # handed out beyond it was not stored.
         self._confirmed = max(self._confirmed, resume)
