@@ -482,3 +482,10 @@ def test_the_entry_point_registers_the_webhook_sink() -> None:
     module = ep.load()
     plugins = isolated_plugins(("sink-webhook", module), memory=False)
     assert plugins.get("sink", "webhook") is WebhookSink
+
+
+def test_a_made_up_charset_never_fails_a_delivered_request() -> None:
+    from dbevents_sink_webhook.classify import decode_body
+
+    for charset in ("rot13", "hex", "no-such-codec", None):
+        assert decode_body(b"ok \xc3\xa9", charset) == "ok \u00e9"

@@ -43,10 +43,15 @@ def decode_body(raw: bytes, charset: str | None) -> str:
     """Text of a (possibly truncated) response body; a multi-byte character cut
     by the truncation is dropped rather than shown as garbage."""
     try:
-        decoder = codecs.getincrementaldecoder(charset or "utf-8")(errors="replace")
-    except LookupError:  # an unknown charset the receiver made up
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    return decoder.decode(raw, final=False)
+        text = codecs.getincrementaldecoder(charset or "utf-8")(errors="replace").decode(
+            raw, final=False)
+        if isinstance(text, str):
+            return text
+    except Exception:  # an unknown or non-text codec named by the receiver
+        pass
+    # The body is only logged: a charset the receiver made up ("rot13", "hex")
+    # must never turn a delivered request into a failed attempt.
+    return codecs.getincrementaldecoder("utf-8")(errors="replace").decode(raw, final=False)
 
 
 def _where(exc: aiohttp.ClientConnectorError) -> str:

@@ -132,7 +132,9 @@ class ReplicationStream:
         """Start streaming from ``start_lsn``, reporting ``confirmed_lsn`` (what is
         durable downstream, which may be less) as the flush position."""
         conn = await psycopg.AsyncConnection.connect(
-            replication_conninfo(url), autocommit=True, connect_timeout=int(connect_timeout))
+            # libpq reads 0 as "wait for ever": never round a short timeout down to it.
+            replication_conninfo(url), autocommit=True,
+            connect_timeout=max(1, round(connect_timeout)))
         try:
             # Simple-protocol SQL is allowed on a logical replication connection
             # before START_REPLICATION (no parameters: the extended protocol is not).
