@@ -1,0 +1,262 @@
+"""Startup checks and the few queries the source makes besides reading the binlog.
+
+Each failed check raises SetupError saying which server setting or privilege to
+change, and how. They run on a plain connection, in a worker thread.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import Any
+
+import attrs
+import pymysql
+from dbevents import SetupError, SourceUnavailable
+from dbevents.masking import mask_dsn
+
+from dbevents_source_mysql.options import ConnectParams
+from dbevents_source_mysql.position import BinlogPosition
+
+ER_ACCESS_DENIED = 1045
+ER_DBACCESS_DENIED = 1044
+ER_SPECIFIC_ACCESS_DENIED = 1227
+ER_MASTER_FATAL_READING_BINLOG = 1236  # purged / missing binlog file, bad position
+ER_PARSE_ERROR = 1064
+COM_BINLOG_DUMP = 0x12
+BINLOG_DUMP_NON_BLOCK = 0x01
+
+_JSON_VALID = re.compile(r"json_valid\(\s*`((?:[^`]|``)+)`\s*\)", re.IGNORECASE)
+_VARIABLES = ("log_bin", "binlog_format", "binlog_row_image", "binlog_row_metadata",
+              "server_id", "binlog_checksum", "log_bin_compress",
+              "binlog_transaction_compression", "binlog_row_value_options", "version")
+
+
+@attrs.frozen
+class ServerInfo:
+    mariadb: bool
+    version: str
+    server_id: int
+    checksum: bool
+
+
+def connect(params: ConnectParams, connect_timeout: float, url: str,
+            **more: Any) -> pymysql.connections.Connection[Any]:
+    """A connection; SetupError when refused for credentials, SourceUnavailable when
+    the server cannot be reached."""
+    try:
+        return pymysql.connect(**params.pymysql_kwargs(connect_timeout, **more))
+    except pymysql.err.OperationalError as exc:
+        code = exc.args[0] if exc.args else 0
+        if code in (ER_ACCESS_DENIED, ER_DBACCESS_DENIED):
+            raise SetupError(f"{mask_dsn(url)}: the server refused the login: "
+                             f"{exc.args[1] if len(exc.args) > 1 else exc}") from None
+        raise SourceUnavailable(f"cannot connect to {mask_dsn(url)}: {exc}") from None
+
+
+def _query(conn: pymysql.connections.Connection[Any], sql: str,
+           args: Any = None) -> list[tuple[Any, ...]]:
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        return list(cur.fetchall())
+
+
+def variables(conn: pymysql.connections.Connection[Any]) -> dict[str, str]:
+    names = ", ".join(f"'{n}'" for n in _VARIABLES)
+    rows = _query(conn, f"SHOW GLOBAL VARIABLES WHERE Variable_name IN ({names})")
+    return {str(k).lower(): str(v) for k, v in rows}
+
+
+def _user(conn: pymysql.connections.Connection[Any]) -> str:
+    (user,), = _query(conn, "SELECT CURRENT_USER()")
+    name, _, host = str(user).rpartition("@")
+    return f"'{name}'@'{host}'"
+
+
+def check_server(conn: pymysql.connections.Connection[Any], *, schemas: tuple[str, ...],
+                 server_id: int, server_id_set: bool) -> ServerInfo:
+    """Every check that does not need the binlog position; returns facts for the
+    reader."""
+    v = variables(conn)
+    mariadb = "mariadb" in v.get("version", "").lower()
+    cnf = "the server's config ([mysqld] in my.cnf) and restart it"
+    if v.get("log_bin", "OFF").upper() not in ("ON", "1"):
+        raise SetupError(
+            f"the binary log is off (log_bin=OFF): set log_bin (e.g. log_bin=mysql-bin) "
+            f"and a server_id in {cnf}")
+    fmt = v.get("binlog_format", "").upper()
+    if fmt != "ROW":
+        raise SetupError(
+            f"binlog_format is {fmt or 'unknown'}, not ROW: set binlog_format=ROW in "
+            f"{cnf} (or SET GLOBAL binlog_format='ROW'; sessions opened before keep "
+            f"the old format)")
+    image = v.get("binlog_row_image", "").upper()
+    if image != "FULL":
+        raise SetupError(
+            f"binlog_row_image is {image or 'unknown'}, not FULL (updates and deletes "
+            f"would lack columns): set binlog_row_image=FULL in {cnf} (or SET GLOBAL "
+            f"binlog_row_image='FULL')")
+    if "binlog_row_metadata" not in v:
+        raise SetupError(
+            f"this server ({v.get('version', '?')}) has no binlog_row_metadata setting: "
+            f"it needs MySQL 8.0.14+ or MariaDB 10.5+ (column names travel in the binlog "
+            f"only from those versions on)")
+    meta = v["binlog_row_metadata"].upper()
+    if meta != "FULL":
+        raise SetupError(
+            f"binlog_row_metadata is {meta}, not FULL (without it column names arrive as "
+            f"UNKNOWN_COL0, UNKNOWN_COL1..): set binlog_row_metadata=FULL in {cnf} "
+            f"(or SET GLOBAL binlog_row_metadata='FULL')")
+    if v.get("log_bin_compress", "OFF").upper() in ("ON", "1"):
+        raise SetupError("log_bin_compress is ON: compressed row events cannot be "
+                         f"decoded; set log_bin_compress=OFF in {cnf}")
+    if v.get("binlog_transaction_compression", "OFF").upper() in ("ON", "1"):
+        raise SetupError("binlog_transaction_compression is ON: compressed transactions "
+                         f"cannot be decoded; set it OFF in {cnf}")
+    if "PARTIAL_JSON" in v.get("binlog_row_value_options", "").upper():
+        raise SetupError("binlog_row_value_options=PARTIAL_JSON writes JSON updates as "
+                         f"diffs without the full document; set it to '' in {cnf}")
+    own_id = int(v.get("server_id", "0") or 0)
+    if server_id == own_id:
+        hint = ("set a different `server_id` in [databases.NAME]" if server_id_set else
+                "set `server_id` in [databases.NAME] to a number no server or replica uses")
+        raise SetupError(f"the reader's server_id {server_id} is the server's own "
+                         f"server_id: {hint}")
+    user = _user(conn)
+    monitor = "BINLOG MONITOR" if mariadb else "REPLICATION CLIENT"
+    try:
+        _query(conn, "SHOW BINARY LOGS")
+    except pymysql.err.OperationalError as exc:
+        if exc.args and exc.args[0] == ER_SPECIFIC_ACCESS_DENIED:
+            raise SetupError(
+                f"the user {user} lacks the {monitor} privilege (needed to list the "
+                f"binlog files and positions): GRANT {monitor} ON *.* TO {user}") from None
+        raise
+    for schema in schemas:
+        rows = _query(conn, "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s",
+                      (schema,))
+        if not rows:
+            raise SetupError(
+                f"the database `{schema}` does not exist or the user {user} has no "
+                f"privilege on it: create it, or GRANT SELECT ON `{schema}`.* TO {user} "
+                f"(SELECT lets the source read column metadata); check `schemas` and "
+                f"the URL")
+    checksum = v.get("binlog_checksum", "NONE").upper() not in ("NONE", "")
+    return ServerInfo(mariadb=mariadb, version=v.get("version", ""), server_id=own_id,
+                      checksum=checksum)
+
+
+def check_replication(conn: pymysql.connections.Connection[Any], server_id: int) -> None:
+    """REPLICATION SLAVE, tested by asking for a binlog dump that ends at once
+    (non-blocking, from the current end): no grant parsing, roles included."""
+    user = _user(conn)
+    end = current_position(conn)
+    try:
+        start_dump(conn, end, server_id, blocking=False, checksum=True)
+        while True:
+            packet = conn._read_packet()
+            if packet.is_eof_packet():
+                break
+    except pymysql.err.OperationalError as exc:
+        if exc.args and exc.args[0] in (ER_SPECIFIC_ACCESS_DENIED, ER_ACCESS_DENIED):
+            raise SetupError(
+                f"the user {user} lacks the REPLICATION SLAVE privilege (needed to read "
+                f"the binlog): GRANT REPLICATION SLAVE ON *.* TO {user}") from None
+        raise
+
+
+def start_dump(conn: pymysql.connections.Connection[Any], start: BinlogPosition,
+               server_id: int, *, blocking: bool, checksum: bool,
+               heartbeat: float | None = None) -> None:
+    """Ask the server to stream its binlog from ``start`` (COM_BINLOG_DUMP)."""
+    with conn.cursor() as cur:
+        if checksum:
+            # We verify nothing, but must say we understand checksummed events.
+            cur.execute("SET @master_binlog_checksum = @@global.binlog_checksum")
+        if heartbeat:
+            cur.execute("SET @master_heartbeat_period = %s", (int(heartbeat * 1e9),))
+        # MariaDB: we understand GTID events (else it rewrites them as BEGIN queries).
+        cur.execute("SET @mariadb_slave_capability = 4")
+    name = start.file.encode()
+    flags = 0 if blocking else BINLOG_DUMP_NON_BLOCK
+    payload = struct.pack("<BIHI", COM_BINLOG_DUMP, start.pos, flags, server_id) + name
+    conn._next_seq_id = 0
+    conn.write_packet(payload)
+
+
+def current_position(conn: pymysql.connections.Connection[Any]) -> BinlogPosition:
+    """The end of the binlog: where a source that starts "at the end" begins."""
+    try:
+        rows = _query(conn, "SHOW BINARY LOG STATUS")  # MySQL 8.2+
+    except pymysql.err.ProgrammingError as exc:
+        if not exc.args or exc.args[0] != ER_PARSE_ERROR:
+            raise
+        rows = _query(conn, "SHOW MASTER STATUS")
+    if not rows:
+        raise SetupError("the server reports no binlog position (is log_bin on?)")
+    return BinlogPosition(str(rows[0][0]), int(rows[0][1]))
+
+
+def binlog_files(conn: pymysql.connections.Connection[Any]) -> dict[str, int]:
+    """Binlog files still on the server, oldest first, with their sizes."""
+    return {str(r[0]): int(r[1]) for r in _query(conn, "SHOW BINARY LOGS")}
+
+
+def earliest_position(conn: pymysql.connections.Connection[Any]) -> BinlogPosition:
+    files = binlog_files(conn)
+    if not files:
+        raise SetupError("the server lists no binlog files (is log_bin on?)")
+    return BinlogPosition(next(iter(files)), 4)
+
+
+def purged_error(name: str, position: BinlogPosition, detail: str) -> SetupError:
+    return SetupError(
+        f"cannot resume database {name!r} at {position}: {detail}. The changes between "
+        f"that checkpoint and the oldest binlog still on the server are lost to dbevents. "
+        f"Keep binlogs longer (binlog_expire_logs_seconds / expire_logs_days), then move "
+        f"the checkpoint with the worker stopped: `dbevents mysql reset-position {name}` "
+        f"(the current end of the binlog) or `dbevents mysql reset-position {name} --to "
+        f"earliest`"
+    )
+
+
+def check_resume(conn: pymysql.connections.Connection[Any], name: str,
+                 position: BinlogPosition) -> None:
+    """The checkpointed binlog file must still exist and reach the position."""
+    files = binlog_files(conn)
+    size = files.get(position.file)
+    if size is None:
+        oldest = next(iter(files), "none")
+        raise purged_error(name, position,
+                           f"the binlog file {position.file} is no longer on the server "
+                           f"(purged; the oldest is {oldest})")
+    if position.pos > size:
+        raise purged_error(name, position,
+                           f"{position.file} is only {size} bytes long (was the binlog "
+                           f"reset or the server replaced?)")
+
+
+def json_columns(conn: pymysql.connections.Connection[Any], schema: str,
+                 table: str) -> frozenset[str]:
+    """MariaDB stores JSON as LONGTEXT with a json_valid() CHECK constraint: the
+    columns that have one, as the table is now."""
+    rows = _query(
+        conn,
+        "SELECT CONSTRAINT_NAME, CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS "
+        "WHERE CONSTRAINT_SCHEMA = %s AND TABLE_NAME = %s", (schema, table))
+    out = set()
+    for _name, clause in rows:
+        match = _JSON_VALID.fullmatch(str(clause).strip())
+        if match:
+            out.add(match.group(1).replace("``", "`"))
+    return frozenset(out)
+
+
+def fractional_columns(conn: pymysql.connections.Connection[Any], schema: str,
+                       table: str) -> frozenset[str]:
+    """Temporal columns declared with fractional seconds, as the table is now."""
+    rows = _query(
+        conn,
+        "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s "
+        "AND TABLE_NAME = %s AND DATETIME_PRECISION > 0", (schema, table))
+    return frozenset(str(r[0]) for r in rows)
