@@ -106,6 +106,23 @@ class Dbevents:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
+    def thread_cpu(self) -> tuple[float, float]:
+        """CPU seconds so far of the main (event-loop) thread and of all other
+        threads together (the SQLite store's worker above all); Python leaves OS
+        thread names alone, so the main thread is told apart by its id."""
+        main = other = 0.0
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended meanwhile
+                continue
+            seconds = (int(fields[11]) + int(fields[12])) / CLK_TCK
+            if task.name == str(self.pid):
+                main += seconds
+            else:
+                other += seconds
+        return main, other
+
     def stored_events(self) -> int:
         """Events in the eventing DB (seq is AUTOINCREMENT and nothing is purged
         during a run, so the largest seq is the count), read without a lock."""

@@ -140,9 +140,11 @@ def _pipeline(ctx: Context, folder: Path, cfg: str, n: int, first_events: int,
     proc = Dbevents(folder, cfg, ctx.log_level).start()
     prof = Profiler(proc.pid, profile) if profile else None
     cpu = proc.cpu_seconds()
+    threads = proc.thread_cpu()
     try:
         snap = ctx.rx.wait_events(n)
         cpu = proc.cpu_seconds() - cpu
+        threads = tuple(b - a for a, b in zip(threads, proc.thread_cpu(), strict=True))
         peak = proc.peak_rss_mb()
     finally:
         if prof:
@@ -155,7 +157,9 @@ def _pipeline(ctx: Context, folder: Path, cfg: str, n: int, first_events: int,
         raise RuntimeError(f"expected {n} events, the receiver counted {final.events} "
                            f"(+{final.refused} refused)")
     rate, span = _rate(snap, first_events)
-    return Run(rate, n, span, cpu / n * 1e6, peak, {**proc.log_stats(), **proc.store_stats()})
+    return Run(rate, n, span, cpu / n * 1e6, peak,
+               {**proc.log_stats(), **proc.store_stats(), "main_cpu_us": threads[0] / n * 1e6,
+                "other_cpu_us": threads[1] / n * 1e6, "loop_busy": threads[0] / span})
 
 
 def _ceiling(ctx: Context, bodies: list[bytes], events: int, batch: bool) -> Run:
@@ -247,6 +251,14 @@ def _run_notes(res: Results, key: str, pipeline: list[Run], ceil: list[Run]) -> 
                  f"{_median([g['posted_events'] / g['posts'] for g in logs]):.1f} events "
                  f"per POST; warnings {max(g.get('warning', 0) for g in logs):.0f}, "
                  f"errors {max(g.get('error', 0) for g in logs):.0f}")
+    split = [p.log for p in pipeline if "main_cpu_us" in p.log]
+    if split:
+        res.note(key, "CPU per event by thread (medians): the event loop "
+                 f"{_median([g['main_cpu_us'] for g in split]):,.0f} µs, the other threads "
+                 f"(the SQLite store's worker, mostly) "
+                 f"{_median([g['other_cpu_us'] for g in split]):,.0f} µs; the event-loop "
+                 f"thread was on a CPU {_median([g['loop_busy'] for g in split]):.0%} of the "
+                 "time (a CPU-bound event loop is near 100%)")
     stores = [p.log for p in pipeline if p.log.get("finish_txns")]
     if stores:
         res.note(key, "from its eventing DB (medians): "
