@@ -274,6 +274,7 @@ def summarise_profile(raw: Path, top: int = 15) -> dict[str, Any]:
     incl: Counter[str] = Counter()
     areas: Counter[str] = Counter()
     threads: Counter[str] = Counter()
+    loop_areas: Counter[str] = Counter()  # the main (event-loop) thread's alone
     total = idle = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -294,6 +295,8 @@ def summarise_profile(raw: Path, top: int = 15) -> dict[str, Any]:
         threads[thread] += count
         own[frames[-1][0]] += count
         areas[frames[-1][1]] += count
+        if thread == "MainThread":
+            loop_areas[frames[-1][1]] += count
         for name in {name for name, _ in frames}:
             incl[name] += count
     busy = total - idle
@@ -305,6 +308,8 @@ def summarise_profile(raw: Path, top: int = 15) -> dict[str, Any]:
         "functions": [(name, n / busy, incl[name] / busy) for name, n in own.most_common(top)],
         "areas": [(a, n / busy) for a, n in areas.most_common(10)],
         "threads": [(t, n / busy) for t, n in threads.most_common(5)],
+        "loop_areas": [(a, n / max(1, threads["MainThread"]))
+                       for a, n in loop_areas.most_common(8)],
     }
 
 

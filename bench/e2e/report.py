@@ -78,13 +78,16 @@ READING = {
          "its payload and moving between partial indexes, plus an attempt row and a "
          "lookup by id (`select_by_ids`); with 16 POSTs in flight the claim and finish "
          "transactions are small, so their BEGIN IMMEDIATE / COMMIT (`write` in "
-         "connection.py) is paid every few events. Then aiohttp's request and the socket "
-         "write (the ceiling does the same), one JSON log line per POST "
-         "(`PrintLogger.msg`, from `Dispatcher._deliver` in core/src/dbevents/dispatcher.py), "
-         "and capture (decoding, matching, the CloudEvents envelope with its uuid5 and "
-         "JSON). py-spy samples a thread that waits to take the GIL back at the line it "
-         "waits on, so the store thread's shares include such waits; the CPU split by "
-         "thread in the notes (from /proc) does not. What would move it: fewer, larger "
+         "connection.py) is paid every few events. On the event-loop thread (its shares "
+         "are under the profile): aiohttp's request and socket write, about what the "
+         "whole bare client spends per event; asyncio's own scheduling (a task per POST, "
+         "a future and a self-pipe wake-up for every store call); one JSON log line per "
+         "POST (structlog's `PrintLogger.msg`, from `Dispatcher._deliver` in "
+         "core/src/dbevents/dispatcher.py); and capture (decoding, matching, the "
+         "CloudEvents envelope with its uuid5 and JSON). py-spy samples a thread that "
+         "waits to take the GIL back at the line it waits on, so the store thread's "
+         "shares include such waits; the CPU split by thread in the notes (from /proc) "
+         "does not. What would move it: fewer, larger "
          "store transactions (claim ahead of the free capacity, record results on a short "
          "timer rather than at every wake-up), the single SQLite worker's delivery state "
          "kept out of the event row (the row written once), and the per-POST log line at "
@@ -180,7 +183,10 @@ def markdown(results: Results, scale: Scale, ran: list[str], info: dict[str, str
     out = ["# Benchmarks", "",
            "End-to-end figures of dbevents on one machine, each next to a ceiling measured "
            "in the same run (issue 9). Written by `python -m bench`; rerun it to refresh "
-           "this page. Targets are what we aim for; no benchmark is a test assertion.", "",
+           "this page. Targets are what we aim for; no benchmark is a test assertion. The "
+           "machine is shared with other jobs (see the load averages), so ceilings are "
+           "measured in the same run, interleaved with the runs they bound, and rounds are "
+           "reported as medians.", "",
            f"- run: `{command}` on {started:%Y-%m-%d %H:%M} UTC",
            f"- scale: **{scale.name}**: {_sizes(scale)}" + (
                "" if scale.name == "full" else " (issue 9's sizes: `--full`)"),
@@ -241,6 +247,9 @@ def missed_section(results: Results) -> list[str]:
                 "of dbevents (where the sampled frame's own code is; time in C, such as "
                 "SQLite or a socket call, counts for the Python code calling it):", ""]
         out += [f"- {area}: {share:.0%}" for area, share in prof["areas"]]
+        if prof.get("loop_areas"):
+            out += ["", "The event-loop thread alone: " + ", ".join(
+                f"{area} {share:.0%}" for area, share in prof["loop_areas"]) + "."]
         out += ["", "Top functions by own time (inclusive time in brackets):", "",
                 "| own | incl. | function |", "|--:|--:|---|"]
         out += [f"| {own:.1%} | {incl:.1%} | `{name}` |"

@@ -140,11 +140,12 @@ def _pipeline(ctx: Context, folder: Path, cfg: str, n: int, first_events: int,
     proc = Dbevents(folder, cfg, ctx.log_level).start()
     prof = Profiler(proc.pid, profile) if profile else None
     cpu = proc.cpu_seconds()
-    threads = proc.thread_cpu()
+    loop0, other0 = proc.thread_cpu()
     try:
         snap = ctx.rx.wait_events(n)
         cpu = proc.cpu_seconds() - cpu
-        threads = tuple(b - a for a, b in zip(threads, proc.thread_cpu(), strict=True))
+        loop1, other1 = proc.thread_cpu()
+        threads = (loop1 - loop0, other1 - other0)
         peak = proc.peak_rss_mb()
     finally:
         if prof:
