@@ -22,6 +22,21 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+def _postgres_database(state: Any, database: str) -> Any:
+    """The [databases.DATABASE] section, which must be a postgres one; else exit."""
+    try:
+        cfg = state.config
+    except DbeventsError as exc:
+        _fail(str(exc), exc.exit_code)
+    db = cfg.databases.get(database)
+    if db is None:
+        _fail(f"no [databases.{database}] section in {cfg.path} "
+              f"(defined: {', '.join(sorted(cfg.databases)) or 'none'})", 2)
+    if state.plugins.get("source", db.type) is not PostgresSource:
+        _fail(f"[databases.{database}] is of type {db.type!r}, not a postgres database", 2)
+    return db
+
+
 @click.group()
 def postgres() -> None:
     """PostgreSQL source: replication slots."""
@@ -38,16 +53,7 @@ def drop_slot(state: Any, database: str, yes: bool) -> None:
     what dbevents has read: changes made before the next start (which creates a
     new slot) are never captured. Stop dbevents first.
     """
-    try:
-        cfg = state.config
-    except DbeventsError as exc:
-        _fail(str(exc), exc.exit_code)
-    db = cfg.databases.get(database)
-    if db is None:
-        _fail(f"no [databases.{database}] section in {cfg.path} "
-              f"(defined: {', '.join(sorted(cfg.databases)) or 'none'})", 2)
-    if state.plugins.get("source", db.type) is not PostgresSource:
-        _fail(f"[databases.{database}] is of type {db.type!r}, not a postgres database", 2)
+    db = _postgres_database(state, database)
     slot = slot_name(database, db.options)
     where = mask_dsn(db.url)
     if not yes:
@@ -89,16 +95,7 @@ def reset_position(state: Any, database: str, yes: bool) -> None:
     to the slot's position: changes made between the old checkpoint and now are
     not captured. Stop dbevents first.
     """
-    try:
-        cfg = state.config
-    except DbeventsError as exc:
-        _fail(str(exc), exc.exit_code)
-    db = cfg.databases.get(database)
-    if db is None:
-        _fail(f"no [databases.{database}] section in {cfg.path} "
-              f"(defined: {', '.join(sorted(cfg.databases)) or 'none'})", 2)
-    if state.plugins.get("source", db.type) is not PostgresSource:
-        _fail(f"[databases.{database}] is of type {db.type!r}, not a postgres database", 2)
+    db = _postgres_database(state, database)
     slot = slot_name(database, db.options)
     where = mask_dsn(db.url)
     if not yes:
