@@ -2,7 +2,7 @@
 aiohttp ceiling, on this machine.
 
     uv run python bench/webhook.py                    # all runs, best and median
-    uv run python bench/webhook.py --only "a,b'"      # some of them
+    uv run python bench/webhook.py --only "a,b"       # some of them
     uv run python bench/webhook.py --profile b        # cProfile of the timed part of (b)
 
 A local aiohttp receiver runs in a separate process (so client and server do not
@@ -12,10 +12,11 @@ the same concurrency and connection pool settings:
   (a)  the raw ceiling: a bare aiohttp client POSTing N pre-built JSON payloads;
   (b)  the core Dispatcher + WebhookSink delivering N events from
        dbevents.testing.MemoryStore, one event per POST;
-  (c)  the same with batch_size = 100;
-  (b') and (c'): (b) and (c) from IndexedStore below, an in-memory store whose
-       claim costs O(events claimed), to show the dispatcher + sink apart from
-       MemoryStore's O(events stored) claim.
+  (c)  the same with batch_size = 100.
+
+MemoryStore keeps the store contract (per-row order, leases, retries) with
+indexes, so a claim costs O(events claimed): what is measured is the dispatcher
+and the sink, not a store's disk.
 
 Targets: (b) >= 0.9 x (a); (c) >= 50,000 events/s. Runs are interleaved in
 rounds after a warm-up round, so load from other processes hits them alike. Besides
@@ -29,7 +30,6 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import heapq
 import io
 import logging
 import multiprocessing as mp
@@ -40,17 +40,14 @@ import statistics
 import sys
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Coroutine, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
 import aiohttp
-import attrs
 import structlog
 from aiohttp import web
-from dbevents import Event, Finish, Status, StoreSettings, Trigger
+from dbevents import StoreSettings, Trigger
 from dbevents.dispatcher import Dispatcher
 from dbevents.testing import MemoryStore, make_event, reset
 from dbevents_sink_webhook import WebhookOptions, WebhookSink
@@ -102,85 +99,6 @@ class ReceiverProcess:
 
     def url(self, path: str = "/hook") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
-
-
-# -- a store whose claim costs O(events claimed) ------------------------------------------
-
-
-class IndexedStore:
-    """Just what the Dispatcher calls (claim, finish, release, next_due), in memory,
-    keeping the store contract's per-row order, retries and leases, but indexed:
-    a claim touches only the events it hands out, and events are not copied on
-    every status change. Used for the (b') and (c') rows, to measure the
-    dispatcher + sink apart from dbevents.testing.MemoryStore, whose claim scans
-    and sorts every event ever stored."""
-
-    def __init__(self, events: list[Event]) -> None:
-        self.events: dict[str, Event] = {}
-        self.tries: dict[str, int] = {}  # attempts made, once there was one
-        self.rows: dict[tuple[str, str | None], deque[str]] = {}
-        self.ready: dict[str, list[tuple[int, str]]] = {}  # trigger -> heap of (seq, id)
-        self.delayed: list[tuple[datetime, int, str]] = []  # retries not yet due
-        self.leases: dict[str, datetime] = {}
-        for seq, ev in enumerate(events, 1):
-            ev = attrs.evolve(ev, seq=seq)
-            self.events[ev.id] = ev
-            row = self.rows.setdefault((ev.trigger, ev.doc_id), deque())
-            row.append(ev.id)
-            if len(row) == 1:
-                heapq.heappush(self.ready.setdefault(ev.trigger, []), (seq, ev.id))
-
-    def _make_ready(self, eid: str) -> None:
-        ev = self.events[eid]
-        heapq.heappush(self.ready.setdefault(ev.trigger, []), (ev.seq, eid))
-
-    async def claim(self, limits: Mapping[str, int], lease_seconds: float,
-                    now: datetime) -> list[Event]:
-        while self.delayed and self.delayed[0][0] <= now:
-            self._make_ready(heapq.heappop(self.delayed)[2])
-        for eid, until in list(self.leases.items()):
-            if until < now:  # an expired lease is due again
-                del self.leases[eid]
-                self._make_ready(eid)
-        out = []
-        lease = now + timedelta(seconds=lease_seconds)
-        for trigger, limit in limits.items():
-            heap = self.ready.get(trigger, [])
-            while heap and limit > 0:
-                eid = heapq.heappop(heap)[1]
-                ev = self.events[eid]
-                tries = self.tries.get(eid, 0)
-                if tries != ev.attempts:  # a retry: the dispatcher numbers attempts
-                    ev = self.events[eid] = attrs.evolve(ev, attempts=tries)
-                self.leases[eid] = lease
-                out.append(ev)
-                limit -= 1
-        return out
-
-    async def finish(self, results: Sequence[Finish]) -> None:
-        for f in results:
-            eid = f.event_id
-            self.leases.pop(eid, None)
-            self.tries[eid] = f.attempt.number
-            if f.status is Status.PENDING:
-                ev = self.events[eid]
-                heapq.heappush(self.delayed, (f.next_attempt_at or datetime.now(UTC), ev.seq,
-                                              eid))
-                continue
-            ev = self.events[eid]
-            row = self.rows[(ev.trigger, ev.doc_id)]
-            row.popleft()
-            if row:
-                self._make_ready(row[0])
-
-    async def release(self, event_ids: Sequence[str]) -> None:
-        for eid in event_ids:
-            if self.leases.pop(eid, None) is not None:
-                self._make_ready(eid)
-
-    async def next_due(self) -> datetime | None:
-        dues = [self.delayed[0][0]] if self.delayed else []
-        return min(dues + list(self.leases.values()), default=None)
 
 
 # -- the three runs -------------------------------------------------------------------
@@ -237,21 +155,16 @@ async def run_raw(url: str, n: int, concurrency: int) -> float:
         return n / elapsed()
 
 
-async def run_dispatcher(url: str, n: int, concurrency: int, batch_size: int,
-                         indexed: bool = False) -> float:
-    """(b)/(c): N events in a MemoryStore (or the IndexedStore), delivered by the
+async def run_dispatcher(url: str, n: int, concurrency: int, batch_size: int) -> float:
+    """(b)/(c): N events in a MemoryStore, delivered by the
     core Dispatcher through the WebhookSink; events/s from the dispatcher's start
     to the last finish."""
     reset()
     # Distinct rows: per-row order never holds an event back, as in a busy table.
     events = [make_event(trigger="bench", doc_id=str(i), n=i) for i in range(n)]
-    store: Any
-    if indexed:
-        store = IndexedStore(events)
-    else:
-        store = MemoryStore(StoreSettings(url=f"memory://bench-{uuid.uuid4().hex}"))
-        await store.open()
-        await store.enqueue(events, {})
+    store = MemoryStore(StoreSettings(url=f"memory://bench-{uuid.uuid4().hex}"))
+    await store.open()
+    await store.enqueue(events, {})
     trigger = Trigger(name="bench", url=url, concurrency=concurrency, timeout=5000,
                       sink_options=WebhookOptions(batch_size=batch_size))
     sink = WebhookSink()
@@ -290,16 +203,16 @@ def profile(make: Callable[[], Coroutine[Any, Any, float]], top: int,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=5_000,
-                        help="N for one event per POST: (a), (b), (b')")
+                        help="N for one event per POST: (a), (b)")
     parser.add_argument("--batch-events", type=int, default=50_000,
-                        help="N for batches: (c), (c')")
+                        help="N for batches: (c)")
     parser.add_argument("--concurrency", type=int, default=16,
                         help="POSTs in flight (the trigger's `concurrency`)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", default="a,b,b',c,c'",
+    parser.add_argument("--only", default="a,b,c",
                         help="comma-separated runs to measure")
-    parser.add_argument("--profile", choices=["a", "b", "b'", "c", "c'"],
+    parser.add_argument("--profile", choices=["a", "b", "c"],
                         help="profile one run instead of measuring")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--profile-out", help="also save the profile (pstats) to this file")
@@ -319,12 +232,8 @@ def main() -> int:
                   lambda: run_raw(url, n, conc)),
             "b": (f"dispatcher + sink, MemoryStore, 1 event/POST, N={n:,}",
                   lambda: run_dispatcher(url, n, conc, 1)),
-            "b'": (f"dispatcher + sink, indexed store, 1 event/POST, N={n:,}",
-                   lambda: run_dispatcher(url, n, conc, 1, indexed=True)),
             "c": (f"dispatcher + sink, MemoryStore, {size} events/POST, N={nb:,}",
                   lambda: run_dispatcher(url, nb, conc, size)),
-            "c'": (f"dispatcher + sink, indexed store, {size} events/POST, N={nb:,}",
-                   lambda: run_dispatcher(url, nb, conc, size, indexed=True)),
         }
         if args.profile:
             profile(runs[args.profile][1], args.top, args.profile_out)
@@ -352,12 +261,12 @@ def main() -> int:
             cost = statistics.median(cpu / r * 1e6 for r, cpu in seen[key])
             print(f"({key}){' ' if len(key) == 1 else ''} {runs[key][0]:<58} "
                   f"{rates[key]:>9,.0f} {median:>9,.0f}  {cost:>8,.1f}")
-    for key in ("b", "b'"):
+    for key in ("b",):
         if key in rates and "a" in rates:
             ratio = rates[key] / rates["a"]
             print(f"({key})/(a) = {ratio:.3f}  (target >= {TARGET_RATIO}): "
                   f"{'met' if ratio >= TARGET_RATIO else 'MISSED'}")
-    for key in ("c", "c'"):
+    for key in ("c",):
         if key in rates:
             print(f"({key}) = {rates[key] / TARGET_BATCH_RATE:.2f} x the "
                   f"{TARGET_BATCH_RATE:,.0f} events/s target: "

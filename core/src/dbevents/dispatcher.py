@@ -5,6 +5,11 @@ Per-row order comes from the store (it only hands out the oldest unfinished
 event of each trigger and row); the dispatcher adds the per-trigger concurrency
 limit, batching, backoff, and batched finishing. It never sleeps when work is
 ready: enqueue and finish wake it, and a timer wakes it for the next retry.
+
+Each trigger has up to ``concurrency`` worker tasks that take claimed events from
+the trigger's queue, one POST (or batch) at a time. The claim loop keeps that
+queue topped up a round ahead, in claims of at least half the trigger's capacity
+when busy, so a store round trip is paid per many events, not per event.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -43,19 +49,34 @@ def backoff_delay(trigger: Trigger, attempt: int, retry_after: float | None,
 
 
 def verdict(trigger: Trigger, event: Event, outcome: Outcome, now: datetime) -> Finish:
-    number = event.attempts + 1
-    attempt = Attempt(
-        event_id=event.id, number=number, started_at=outcome.started_at,
-        duration_ms=outcome.duration_ms, ok=outcome.ok, status_code=outcome.status_code,
-        response_body=outcome.response_body, error=outcome.error,
-        request_headers=outcome.request_headers, batch_size=outcome.batch_size,
-    )
-    if outcome.ok:
-        return Finish(event.id, attempt, Status.DELIVERED)
-    if outcome.give_up or number >= trigger.max_attempts:
-        return Finish(event.id, attempt, Status.FAILED)
-    delay = backoff_delay(trigger, number, outcome.retry_after)
-    return Finish(event.id, attempt, Status.PENDING, now + timedelta(seconds=delay))
+    return verdicts(trigger, [event], [outcome], now)[0]
+
+
+def verdicts(trigger: Trigger, events: Sequence[Event], outcomes: Sequence[Outcome],
+             now: datetime) -> list[Finish]:
+    """The verdict on each event after its attempt: delivered, failed for good, or
+    pending until a backoff. Events of one POST share its outcome, so the decision
+    is made once per outcome and attempt number (and a batch retries together)."""
+    decided: dict[tuple[int, int], tuple[Status, datetime | None]] = {}
+    finishes = []
+    for event, o in zip(events, outcomes, strict=True):
+        number = event.attempts + 1
+        key = (id(o), number)
+        verdict_ = decided.get(key)
+        if verdict_ is None:
+            if o.ok:
+                verdict_ = (Status.DELIVERED, None)
+            elif o.give_up or number >= trigger.max_attempts:
+                verdict_ = (Status.FAILED, None)
+            else:
+                delay = backoff_delay(trigger, number, o.retry_after)
+                verdict_ = (Status.PENDING, now + timedelta(seconds=delay))
+            decided[key] = verdict_
+        # Positional: the fields in their declared order (cheaper than keywords).
+        attempt = Attempt(event.id, number, o.started_at, o.duration_ms, o.ok, o.status_code,
+                          o.response_body, o.error, o.request_headers, o.batch_size)
+        finishes.append(Finish(event.id, attempt, *verdict_))
+    return finishes
 
 
 class Dispatcher:
@@ -71,17 +92,25 @@ class Dispatcher:
         self._inflight_ids: set[str] = set()
         self._holding = False  # results wait for an unavailable store
         self._give_up_at = 0.0
+        # Claimed and not yet finished (queued or being sent), per trigger.
         self._inflight: dict[str, int] = {t: 0 for t in self.triggers}
+        self._queued: dict[str, deque[Event]] = {t: deque() for t in self.triggers}
+        self._workers: dict[str, int] = {t: 0 for t in self.triggers}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._task_events: dict[asyncio.Task[None], list[Event]] = {}
+        self._task_events: dict[asyncio.Task[None], list[Event]] = {}  # being sent
         self._done: list[tuple[Finish, str, float]] = []  # (finish, trigger, started)
         self._done_ready = asyncio.Event()
         self._stopping = False
-        self.lease_seconds = max((t.timeout / 1000.0 for t in triggers), default=5.0) \
+        # Claimed events may wait in the queue for one round of attempts before
+        # their own: the lease covers both.
+        self.lease_seconds = 2 * max((t.timeout / 1000.0 for t in triggers), default=5.0) \
             + LEASE_MARGIN
-        self._capacity = {
-            t.name: max(1, t.concurrency) * max(1, sinks[t.sink].batch_size(t)) for t in triggers
-        }
+        self._batch = {t.name: max(1, sinks[t.sink].batch_size(t)) for t in triggers}
+        self._concurrency = {t.name: max(1, t.concurrency) for t in triggers}
+        # One round in flight and one queued; claim again once half of it is free.
+        self._capacity = {name: 2 * self._concurrency[name] * size
+                          for name, size in self._batch.items()}
+        self._refill = {name: cap // 2 for name, cap in self._capacity.items()}
         self.delivered = 0
         self.failed = 0
 
@@ -127,7 +156,7 @@ class Dispatcher:
                 self._woken = False
                 limits = {name: cap - self._inflight[name]
                           for name, cap in self._capacity.items()
-                          if cap - self._inflight[name] > 0}
+                          if cap - self._inflight[name] >= self._refill[name]}
                 timeout: float | None = None
                 if self._holding:
                     # Results are waiting for the store: claiming now could hand
@@ -177,19 +206,31 @@ class Dispatcher:
         for name, evs in by_trigger.items():
             trigger = self.triggers[name]
             sink = self.sinks[trigger.sink]
-            size = max(1, sink.batch_size(trigger))
             self._inflight[name] += len(evs)
             self._inflight_ids.update(ev.id for ev in evs)
-            for i in range(0, len(evs), size):
-                chunk = evs[i:i + size]
-                task = asyncio.create_task(self._deliver(trigger, sink, chunk))
+            queue = self._queued[name]
+            queue.extend(evs)
+            wanted = min(self._concurrency[name], -(-len(queue) // self._batch[name]))
+            for _ in range(wanted - self._workers[name]):
+                self._workers[name] += 1
+                task = asyncio.create_task(self._worker(trigger, sink))
                 self._tasks.add(task)
-                self._task_events[task] = chunk
-                task.add_done_callback(self._forget)
+                task.add_done_callback(self._tasks.discard)
 
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._task_events.pop(task, None)
+    async def _worker(self, trigger: Trigger, sink: Sink) -> None:
+        """Sends the trigger's queued events, a chunk at a time, until none are left."""
+        name, size = trigger.name, self._batch[trigger.name]
+        queue = self._queued[name]
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            while queue and not self._stopping:
+                chunk = [queue.popleft() for _ in range(min(size, len(queue)))]
+                self._task_events[task] = chunk
+                await self._deliver(trigger, sink, chunk)
+                del self._task_events[task]
+        finally:
+            self._workers[name] -= 1
 
     async def _deliver(self, trigger: Trigger, sink: Sink, events: list[Event]) -> None:
         started = time.monotonic()
@@ -203,10 +244,9 @@ class Dispatcher:
             outcomes = [Outcome(ok=False, started_at=now, duration_ms=0.0,
                                 error=f"sink error: {type(exc).__name__}: {exc}")] * len(events)
         now = _now()
-        finishes = [verdict(trigger, ev, out, now)
-                    for ev, out in zip(events, outcomes, strict=True)]
-        for f in finishes:
-            self._done.append((f, trigger.name, started))
+        finishes = verdicts(trigger, events, outcomes, now)
+        name = trigger.name
+        self._done.extend([(f, name, started) for f in finishes])
         self._done_ready.set()
         # One line per POST: the unit of work a user follows.
         first, out = finishes[0], outcomes[0]
@@ -262,7 +302,16 @@ class Dispatcher:
         self.wake()
 
     async def _drain(self, grace: float | None = None) -> None:
-        """On stop: let in-flight attempts finish, bounded by the longest timeout."""
+        """On stop: hand back what was claimed but not sent, and let attempts in
+        flight finish, bounded by the longest timeout."""
+        queued = [ev for queue in self._queued.values() for ev in queue]
+        for name, queue in self._queued.items():
+            self._inflight[name] -= len(queue)
+            queue.clear()
+        self._inflight_ids.difference_update(ev.id for ev in queued)
+        if queued:
+            with contextlib.suppress(Exception):  # else their leases run out
+                await self.store.release([ev.id for ev in queued])
         if grace is None:
             grace = max((t.timeout / 1000.0 for t in self.triggers.values()), default=5.0) + 1.0
         if self._tasks:
