@@ -25,7 +25,8 @@ def setup(fmt: str | None = None, level: str = "info") -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # WriteLogger: one write and flush per line, cheaper than print().
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     # Libraries that use the stdlib logger (asyncio, aiohttp...) at warning and up.
