@@ -51,8 +51,12 @@ class Dbevents:
         self.config = config
         self.log = config.with_suffix(".log")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.offset = 0
 
     def start(self) -> Dbevents:
+        # The log file is shared by every process started on this config (a
+        # restart appends): this process's lines are those after this offset.
+        self.offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "dbevents.cli", "--config", str(self.config),
@@ -62,31 +66,49 @@ class Dbevents:
         self.wait_for_log("running")
         return self
 
+    def text(self, complete: bool = True) -> str:
+        """This process's part of the log; by default complete lines only (it may
+        be mid-line)."""
+        with self.log.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        if complete:
+            data = data[: data.rfind(b"\n") + 1]
+        return data.decode(errors="replace")
+
     def lines(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            if line.startswith("{"):
-                out.append(json.loads(line))
-        return out
+        """This process's JSON log lines (not those of earlier processes)."""
+        return [json.loads(line) for line in self.text().splitlines() if line.startswith("{")]
 
     def wait_for_log(self, event: str, timeout: float = 60) -> dict[str, Any]:
+        """The first line of ``event`` this process logged, waiting for it."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
+            # Polled before reading: lines written just before an exit still count.
+            exited = self.proc is not None and self.proc.poll() is not None
             for line in self.lines():
                 if line.get("event") == event:
                     return line
-            if self.proc is not None and self.proc.poll() is not None:
+            if exited:
+                assert self.proc is not None
                 raise AssertionError(f"dbevents exited {self.proc.returncode}:\n"
-                                     + self.log.read_text(errors="replace")[-4000:])
+                                     + self.text(complete=False)[-4000:])
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {event!r} log line in {timeout} s:\n"
+                                     + self.text(complete=False)[-4000:])
             time.sleep(0.05)
-        raise AssertionError(f"no {event!r} log line in {timeout} s:\n"
-                             + self.log.read_text(errors="replace")[-4000:])
 
     def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait; killed if it has not exited within ``timeout`` (and
+        then the return code is the kill's, not 0)."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -83,19 +83,22 @@ def test_kill_9_during_a_stream_of_writes(postgres_server: PostgresServer, tmp_p
     config = tmp_path / "dbevents.toml"
     config.write_text(CONFIG.format(dsn=postgres_server.dsn(db),
                                     hooks=receiver.url("").rstrip("/")))
-    run = Dbevents(config).start()
+    run = Dbevents(config)
     log: list[tuple[str, int]] = []
     done = threading.Event()
     thread = threading.Thread(target=writer, args=(postgres_server, db, 1500, log, done))
-    thread.start()
+    stopped: int | None = None
     try:
+        run.start()
+        thread.start()
         kills = 0
         rng = random.Random(11)
         while not done.is_set() or kills < 4:
             time.sleep(rng.uniform(0.4, 1.2))
             run.kill()
             kills += 1
-            run = Dbevents(config).start()
+            run = Dbevents(config)  # assigned first: stopped below even if start() fails
+            run.start()
         thread.join()
         want_all = {(op, v) for op, v in log}
         want_inserts = {(op, v) for op, v in log if op == "insert"}
@@ -118,8 +121,12 @@ def test_kill_9_during_a_stream_of_writes(postgres_server: PostgresServer, tmp_p
         assert set(got_all) == want_all, "every change delivered at least once"
         assert set(got_inserts) == want_inserts
     finally:
-        assert run.stop() == 0
-        postgres_server.drop_database(db)
+        # Clean up whatever happened; the exit code is checked afterwards.
+        try:
+            stopped = run.stop()
+        finally:
+            postgres_server.drop_database(db)
+    assert stopped == 0, run.text(complete=False)[-4000:]
 
     rows = events(config)
     ids = [r["id"] for r in rows]

@@ -58,8 +58,10 @@ def test_log_commands_and_store_outage(postgres_server: PostgresServer,
     config.write_text(CONFIG.format(store=store_server.dsn(store_db),
                                     source=postgres_server.dsn(db),
                                     hooks=receiver.url("").rstrip("/")))
-    run = Dbevents(config).start()
+    run = Dbevents(config)
+    stopped: int | None = None
     try:
+        run.start()
         conn = postgres_server.connect(db)
         for i in range(1, 51):
             conn.execute("INSERT INTO items VALUES (%s, %s)", (i, i))
@@ -84,8 +86,12 @@ def test_log_commands_and_store_outage(postgres_server: PostgresServer,
         assert any(line.get("level") == "warning" and "store" in json.dumps(line)
                    for line in run.lines())
     finally:
-        assert run.stop() == 0
-        postgres_server.drop_database(db)
+        # Clean up whatever happened; the exit code is checked afterwards.
+        try:
+            stopped = run.stop()
+        finally:
+            postgres_server.drop_database(db)
+    assert stopped == 0, run.text(complete=False)[-4000:]
 
     # The log commands, on the PostgreSQL store.
     rows = events(config)

@@ -58,12 +58,14 @@ def test_retry_after_with_429_and_503(receiver: ThreadedReceiver) -> None:
 
 
 def test_delay_outlasts_a_client_timeout(receiver: ThreadedReceiver) -> None:
-    receiver.script("/slow", Reply(delay=1.0), 200)
+    receiver.script("/slow", Reply(delay=10.0), 200)
     started = time.monotonic()
     with pytest.raises(TimeoutError):
         post(receiver.url("/slow"), timeout=0.2)
-    assert time.monotonic() - started < 0.9
-    assert len(receiver.requests("/slow")) == 1  # recorded on arrival, before the delay
+    assert time.monotonic() - started < 5  # the client gave up long before the reply
+    # Recorded on arrival, before the delay (the receiver's thread may get there
+    # after the client gave up, but long before the 10 s reply).
+    assert len(receiver.wait_for(1, "/slow", timeout=5)) == 1
     assert post(receiver.url("/slow"))[0] == 200
 
 
@@ -73,7 +75,7 @@ def test_random_delay_stays_in_range() -> None:
         for _ in range(3):
             started = time.monotonic()
             assert post(rec.url("/jitter"))[0] == 200
-            assert 0.05 <= time.monotonic() - started < 0.5
+            assert 0.05 <= time.monotonic() - started < 5
 
 
 def test_reset_aborts_the_connection(receiver: ThreadedReceiver) -> None:

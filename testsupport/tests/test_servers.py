@@ -1,5 +1,6 @@
 import socket
 import time
+import uuid
 
 import psycopg
 import pytest
@@ -49,15 +50,24 @@ def test_pg_database_is_fresh_and_drop_removes_its_slots(
     assert postgres_server.execute(
         "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", dbname=pg_database
     ) == [(0,)]
-    other = postgres_server.create_database("drop_me")
+    # Unique names: the session's server is shared with every other test.
+    suffix = uuid.uuid4().hex[:8]
+    other = postgres_server.create_database(f"drop_me_{suffix}")
     postgres_server.execute(
-        "SELECT pg_create_logical_replication_slot('s_drop', 'pgoutput')", dbname=other
+        "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (f"s_drop_{suffix}",),
+        dbname=other,
     )
+    assert postgres_server.execute(
+        "SELECT count(*) FROM pg_replication_slots WHERE database = %s", (other,)
+    ) == [(1,)]
     postgres_server.drop_database(other)
     assert postgres_server.execute(
         "SELECT count(*) FROM pg_database WHERE datname = %s", (other,)
     ) == [(0,)]
-    assert postgres_server.execute("SELECT count(*) FROM pg_replication_slots") == [(0,)]
+    assert postgres_server.execute(
+        "SELECT count(*) FROM pg_replication_slots WHERE database = %s OR slot_name = %s",
+        (other, f"s_drop_{suffix}"),
+    ) == [(0,)]
 
 
 def test_postgres_settings_port_retry_restart_and_stop() -> None:
@@ -138,8 +148,17 @@ def test_mariadb_settings_port_retry_and_restart() -> None:
         assert server.execute("SELECT @@GLOBAL.binlog_format") == [("STATEMENT",)]
         server.create_database("kept")
         port = server.port
+        clean_before = _clean_shutdowns(server)
         started = time.monotonic()
         server.restart()
-        assert time.monotonic() - started < 20
+        # A clean shutdown (SIGTERM honoured), not the kill after the 30 s wait.
+        assert _clean_shutdowns(server) == clean_before + 1, server.log_tail()
+        assert time.monotonic() - started < 60
         assert server.port == port
         assert ("kept",) in server.execute("SHOW DATABASES")
+
+
+def _clean_shutdowns(server: MariaDBServer) -> int:
+    """How many times the server logged the end of a clean shutdown."""
+    lines = server.log_path.read_text(errors="replace").splitlines()
+    return sum(line.endswith(": Shutdown complete") for line in lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
@@ -101,6 +102,21 @@ class PgEnv:
             return {}
         active, pid, confirmed, restart = rows[0]
         return {"active": active, "pid": pid, "confirmed": confirmed, "restart": restart}
+
+    def wait_slot_released(self, slot: str, within: float = 10.0) -> None:
+        """Until no session holds ``slot``. A closed replication connection's
+        walsender exits (and releases the slot) a moment later, and
+        pg_drop_replication_slot does not wait for that: it fails while active."""
+        deadline = time.monotonic() + within
+        while True:
+            rows = self.server.execute(
+                "SELECT active, active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                (slot,))
+            if not rows or not rows[0][0]:
+                return
+            assert time.monotonic() < deadline, \
+                f"slot {slot} still held by pid {rows[0][1]} after {within} s"
+            time.sleep(0.05)
 
     def current_lsn(self) -> str:
         return str(self.execute("SELECT pg_current_wal_lsn()::text")[0][0])

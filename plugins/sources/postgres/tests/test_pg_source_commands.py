@@ -78,6 +78,7 @@ def test_drop_slot(pg: PgEnv) -> None:
     finally:
         holder.close()
     assert slots(pg) == [slot]
+    pg.wait_slot_released(slot)  # the holder's walsender lets go a moment after the close
 
     code, out = invoke(state, "app", answer="y\n")
     assert code == 0 and f"dropped the replication slot '{slot}'" in out

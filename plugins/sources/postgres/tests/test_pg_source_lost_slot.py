@@ -28,6 +28,7 @@ async def test_missing_slot_with_a_checkpoint_is_refused_then_reset(pg: PgEnv,
     await reader.close()
     await first.close()
 
+    await asyncio.to_thread(pg.wait_slot_released, first.slot)  # released after the close
     pg.server.execute("SELECT pg_drop_replication_slot(%s)", (first.slot,))
     pg.execute("INSERT INTO t VALUES (2)")  # made while no slot kept changes
 

@@ -164,7 +164,7 @@ async def test_a_killed_workers_claims_are_taken_over_after_the_lease(
     firsts = [make_event(trigger="x", doc_id=f"r{i}") for i in range(3)]
     behind = make_event(trigger="x", doc_id="r0")  # waits for firsts[0]
     await store.enqueue([*firsts, behind], {})
-    lease = 2.0
+    lease = 10.0  # covers the print, the reads, a connection, SIGKILL, a claim: under load
     proc = await ready(start(processes, pg_url, "hang", str(lease)))
     assert proc.stdout is not None
     line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
