@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -72,6 +73,9 @@ def _args() -> argparse.Namespace:
 
 def main() -> int:
     args = _args()
+    # A SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so the private servers
+    # and dbevents processes are stopped by their context managers, not orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.render:
         with args.render.open("rb") as f:
             saved = pickle.load(f)
