@@ -4,8 +4,10 @@ payloads, REPLICA IDENTITY DEFAULT vs FULL, unchanged TOAST values, TRUNCATE."""
 from __future__ import annotations
 
 import base64
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from dbevents import Operation
 
 if TYPE_CHECKING:
@@ -124,6 +126,53 @@ async def test_every_type_on_insert_update_delete(pg: PgEnv) -> None:
     # The commit timestamps, timezone-aware and in commit order.
     assert all(c.time.tzinfo is not None for c in changes)
     assert [c.time for c in changes] == sorted(c.time for c in changes)
+
+
+async def test_every_type_in_old_rows_with_replica_identity_full(pg: PgEnv) -> None:
+    """The old row of an update and the deleted row come from the WAL's old tuple,
+    not from the new one: every type must decode there too, NULLs included."""
+    pg.execute(SCHEMA)
+    pg.execute("ALTER TABLE everything REPLICA IDENTITY FULL")
+    source = await pg.started(tables=["everything"])
+    pg.execute(ROW)
+    pg.execute("INSERT INTO everything (id) VALUES (2)")
+    pg.execute("UPDATE everything SET txt = 'changed', i4 = 5 WHERE id = 1")
+    pg.execute("UPDATE everything SET vc = 'set' WHERE id = 2")
+    pg.execute("DELETE FROM everything WHERE id = 1")
+    pg.execute("DELETE FROM everything WHERE id = 2")
+    changes = await pg.reader(source).until(6)
+
+    nulls = {name: (2 if name == "id" else None) for name in EXPECTED}
+    _, _, update, update_nulls, delete, delete_nulls = changes
+    assert update.operation is Operation.UPDATE
+    assert update.doc == {**EXPECTED, "txt": "changed", "i4": 5}
+    assert update.extra == {"old": EXPECTED}
+    assert update_nulls.doc == {**nulls, "vc": "set"}
+    assert update_nulls.extra == {"old": nulls}
+    assert delete.operation is Operation.DELETE and delete.doc_id == "1"
+    assert delete.doc == {**EXPECTED, "txt": "changed", "i4": 5}
+    assert delete.extra == {}
+    assert delete_nulls.doc == {**nulls, "vc": "set"} and delete_nulls.doc_id == "2"
+
+
+async def test_time_is_the_commit_timestamp(pg: PgEnv) -> None:
+    """Bounded by the server's clock just before COMMIT and just after it; the
+    transaction's start (and its statements') lie well before the lower bound."""
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    source = await pg.started(tables=["t"])
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        with conn.transaction():
+            started = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+            conn.execute("INSERT INTO t VALUES (1)")
+            conn.execute("INSERT INTO t VALUES (2)")
+            conn.execute("SELECT pg_sleep(0.3)")
+            before = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+        after = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+    changes = await pg.reader(source).until(2)
+    assert before - started >= timedelta(seconds=0.3)
+    for change in changes:
+        assert before <= change.time <= after, (before, change.time, after)
+    assert changes[0].time == changes[1].time  # one commit, one time
 
 
 async def test_replica_identity_full_gives_old_rows(pg: PgEnv) -> None:
