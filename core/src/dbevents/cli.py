@@ -338,6 +338,9 @@ def build(plugins: plugins_mod.Plugins) -> click.Group:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Loading plugins may warn before --log-format is parsed: those lines go to
+    # stderr like every other, never into a command's stdout.
+    logs.setup()
     try:
         plugins = plugins_mod.load()
     except DbeventsError as exc:

@@ -32,6 +32,8 @@ def setup(fmt: str | None = None, level: str = "info") -> None:
     # Libraries that use the stdlib logger (asyncio, aiohttp...) at warning and up.
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    # basicConfig does nothing once an earlier setup gave the root a handler.
+    logging.getLogger().setLevel(max(numeric, logging.WARNING))
 
 
 def _drop_none(_: object, __: str, event: dict[str, object]) -> dict[str, object]:
