@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -10,6 +13,7 @@ from pathlib import Path
 import pytest
 from dbevents import plugins as plugins_mod
 from dbevents.errors import PluginError
+from structlog.testing import capture_logs
 
 
 def make_dist(root: Path, dist: str, entry: str, module: str, body: str) -> None:
@@ -59,16 +63,53 @@ def test_two_plugins_claiming_one_name(site: Path, monkeypatch: pytest.MonkeyPat
     assert "'pigeon'" in str(info.value)
 
 
-def test_broken_plugin_warns_and_others_load(site: Path, monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_one_entry_point_name_from_two_distributions(site: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both declare the entry point "a"; neither may silently shadow the other.
+    make_dist(site, "fake-sink-a", "a", "fakeplug_a", GOOD.format(name="pigeon"))
+    make_dist(site, "fake-sink-b", "a", "fakeplug_b", GOOD.format(name="raven"))
+    monkeypatch.setenv("DBEVENTS_PLUGINS", "a")
+    with pytest.raises(PluginError) as info:
+        plugins_mod.load()
+    message = str(info.value)
+    assert "fake-sink-a" in message and "fake-sink-b" in message
+    assert "plugin 'a'" in message
+    assert info.value.exit_code == 2
+
+
+def test_broken_plugin_warns_and_others_load(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_dist(site, "fake-sink-a", "a", "fakeplug_a", GOOD.format(name="pigeon"))
     make_dist(site, "fake-broken", "broken", "fakeplug_broken", "raise ImportError('no lib')\n")
     monkeypatch.setenv("DBEVENTS_PLUGINS", "a,broken")
-    loaded = plugins_mod.load()
+    with capture_logs() as logs:
+        loaded = plugins_mod.load()
     assert loaded.names("sink") == ["pigeon"]
     [failure] = loaded.failures
     assert failure.plugin == "broken" and failure.distribution == "fake-broken"
     assert "no lib" in failure.error
+    [warning] = [e for e in logs if e["log_level"] == "warning"]
+    assert warning == {"event": "plugin failed to load; skipped", "log_level": "warning",
+                       "plugin": "broken", "distribution": "fake-broken",
+                       "error": "ImportError: no lib"}
+
+
+def test_plugins_command_reports_the_broken_plugin(site: Path) -> None:
+    """The launcher as users run it (its own process, stderr not a terminal, so
+    JSON logs), with the fake distributions on its path."""
+    make_dist(site, "fake-sink-a", "a", "fakeplug_a", GOOD.format(name="pigeon"))
+    make_dist(site, "fake-broken", "broken", "fakeplug_broken", "raise ImportError('no lib')\n")
+    env = {**os.environ, "PYTHONPATH": str(site), "DBEVENTS_PLUGINS": "a,broken"}
+    r = subprocess.run([sys.executable, "-m", "dbevents.cli", "plugins"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    [_, row] = r.stdout.splitlines()
+    assert row.split() == ["sink", "pigeon", "fake-sink-a", "1.2.3", "a"]
+    err = r.stderr.splitlines()
+    assert "failed to load: broken (fake-broken): ImportError: no lib" in err
+    [warning] = [json.loads(line) for line in err if line.startswith("{")]
+    assert warning["event"] == "plugin failed to load; skipped"
+    assert warning["level"] == "warning"
+    assert (warning["plugin"], warning["distribution"]) == ("broken", "fake-broken")
 
 
 def test_restriction_skips_others(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -108,7 +108,7 @@ def load(extra: Iterable[tuple[str, object]] = (), entry_points: bool = True) ->
         plugins.add(module, name, distribution=name)
     if not entry_points:
         return plugins
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # entry point name -> its distribution
     for ep in sorted(md.entry_points(group=GROUP), key=lambda e: e.name):
         if wanted is not None and ep.name not in wanted:
             continue
@@ -117,10 +117,10 @@ def load(extra: Iterable[tuple[str, object]] = (), entry_points: bool = True) ->
         if ep.name in seen:
             # The same entry point name from two distributions.
             raise PluginError(
-                f"two installed distributions declare the dbevents plugin {ep.name!r}; "
-                f"{dist} is one of them; uninstall one"
+                f"two installed distributions declare the dbevents plugin {ep.name!r}: "
+                f"{seen[ep.name]} and {dist}; uninstall one of them"
             )
-        seen.add(ep.name)
+        seen[ep.name] = dist
         try:
             module = ep.load()
         except Exception as exc:
@@ -134,7 +134,7 @@ def load(extra: Iterable[tuple[str, object]] = (), entry_points: bool = True) ->
             continue
         plugins.add(module, ep.name, distribution=dist, version=version)
     if wanted is not None:
-        missing = wanted - seen
+        missing = wanted - set(seen)
         if missing:
             log.warning("DBEVENTS_PLUGINS names plugins that are not installed",
                         missing=sorted(missing))
