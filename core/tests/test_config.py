@@ -7,7 +7,9 @@ from pathlib import Path
 
 import attrs
 import pytest
+from click.testing import CliRunner
 from dbevents import config as cfg
+from dbevents.cli import build
 from dbevents.errors import ConfigError
 from dbevents.plugins import module_from
 from dbevents.testing import isolated_plugins
@@ -144,6 +146,10 @@ def test_relative_sqlite_path_is_relative_to_config(tmp_path: Path) -> None:
     ({"triggers": [{"name": "a", "url": "http://x", "headers": {"A": 1}}]},
      "triggers[0].headers.A", "expected a string"),
     ({"trigger": []}, "trigger", "did you mean 'triggers'"),
+    ({"triggers": [{"name": "a", "url": "http://x", "source": "queue"}]},
+     "triggers[0].source", "unknown event source 'queue'; the only one is 'database'"),
+    ({"triggers": [{"name": "a", "url": "http://x", "source": 1}]},
+     "triggers[0].source", "expected a string"),
 ])
 def test_bad_input_names_the_key(raw, path, words, plugins) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigError) as info:
@@ -168,3 +174,13 @@ def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DBEVENTS_CONFIG", "/etc/x.toml")
     assert cfg.config_path(None) == Path("/etc/x.toml")
     assert cfg.config_path("given.toml") == Path("given.toml")
+
+
+def test_check_rejects_a_trigger_source_other_than_database(tmp_path: Path) -> None:
+    p = write(tmp_path, '[[triggers]]\nname = "a"\nurl = "http://x"\nsink = "memory"\n'
+                        'source = "queue"\n')
+    plugins = isolated_plugins()
+    r = CliRunner().invoke(build(plugins), ["--config", str(p), "check"], obj=plugins)
+    assert r.exit_code == 2
+    assert "triggers[0].source" in r.output and "unknown event source 'queue'" in r.output
+    assert "ok" not in r.output.splitlines()
