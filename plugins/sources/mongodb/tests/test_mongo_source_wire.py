@@ -5,18 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from bson import ObjectId
-from dbevents import ChangeBatch, Operation, Position, SetupError, SourceSettings
+from dbevents import (
+    ChangeBatch,
+    Operation,
+    Position,
+    SetupError,
+    SourceSettings,
+    SourceUnavailable,
+)
 from dbevents.testing import SourceContract
 from dbevents_source_mongodb import MongoOptions, MongoSource
+from dbevents_source_mongodb import source as source_module
 from dbevents_source_mongodb.decode import token_position
 from dbevents_source_mongodb.source import masked
 from mongo_fake import FakeReplicaSet, flat, last_checkpoint, make_source, next_batches, token
+from structlog.testing import capture_logs
 
 
 async def started(sources: list[MongoSource], url: str, **kwargs: Any) -> MongoSource:
@@ -251,6 +260,130 @@ async def test_current_position_is_now_whatever_start_at_says(
     await it.aclose()  # type: ignore[attr-defined]
 
 
+async def test_reconnects_back_off_doubling_then_give_up(
+        fake: FakeReplicaSet, sources: list[MongoSource],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # As shipped (and documented): 0.5 s doubling to 30 s, 8 reconnects in a row.
+    assert (source_module.BACKOFF_FIRST, source_module.BACKOFF_MAX,
+            source_module.MAX_FAILURES) == (0.5, 30.0, 8)
+    # The same schedule at 1/100 of the scale: a full run would sleep 91.5 s.
+    monkeypatch.setattr(source_module, "BACKOFF_FIRST", 0.005)
+    monkeypatch.setattr(source_module, "BACKOFF_MAX", 0.3)
+    source = await started(sources, fake.url())
+    it, _ = await opened(source)
+    fake.write_orders(1)
+    flat(await next_batches(it, 1))
+    # The connection drops and every new change stream is refused from then on.
+    fake.hangup_aggregates = 1000
+    fake.hangup_getmores = 1
+    with capture_logs() as logs, pytest.raises(SourceUnavailable) as err:
+        await asyncio.wait_for(it.__anext__(), 60)
+    retries = [e for e in logs if e["event"] == "change stream failed; reconnecting"]
+    assert [e["attempt"] for e in retries] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [e["retry_in"] for e in retries] == [
+        0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.3, 0.3]
+    assert "failed 8 reconnects in a row" in str(err.value)
+    assert source.reconnects == 8
+    # The driver's own resume first, then every reconnect of the source (each
+    # aggregate tried twice: pymongo retries a read once), all after the last event.
+    resumes = [s.get("resumeAfter") or s.get("startAfter") for s in fake.stages[1:]]
+    assert resumes == [token(1)] * len(resumes)
+    assert sum("startAfter" in s for s in fake.stages) == 2 * 8
+
+
+# -- errors that retrying cannot cure ------------------------------------------------
+
+
+class ErrorScript(FakeReplicaSet):
+    """The scripted server, answering the next change-stream aggregate or getMore
+    with a server error instead (code, code name, message)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aggregate_errors: list[tuple[int, str, str]] = []
+        self.getmore_errors: list[tuple[int, str, str]] = []
+
+    def _aggregate(self, request: Any) -> bool:
+        with self._cond:
+            error = self.aggregate_errors.pop(0) if self.aggregate_errors else None
+            if error is not None:
+                self.stages.append(dict(request.doc["pipeline"][0]["$changeStream"]))
+        if error is not None:
+            return self._error(request, *error)
+        return super()._aggregate(request)
+
+    def _get_more(self, request: Any) -> bool:
+        with self._cond:
+            error = self.getmore_errors.pop(0) if self.getmore_errors else None
+        if error is not None:
+            return self._error(request, *error)
+        return super()._get_more(request)
+
+
+@pytest.fixture
+def scripted() -> Iterator[ErrorScript]:
+    server = ErrorScript().start()
+    yield server
+    server.stop()
+
+
+async def test_invalid_resume_token_says_how_to_start_again(
+        scripted: ErrorScript, sources: list[MongoSource]) -> None:
+    scripted.write_orders(4)
+    scripted.aggregate_errors.append((
+        260, "InvalidResumeToken", "Attempting to resume a change stream using "
+        "'resumeAfter' is not allowed from an invalidate notification."))
+    source = await started(sources, scripted.url())
+    with pytest.raises(SetupError) as err:
+        await opened(source, token_position(token(2)))
+    text = str(err.value)
+    assert "MongoDB rejects the resume token stored for database 'shop'" in text
+    assert "not allowed from an invalidate notification" in text  # the server's words
+    assert "dbevents mongodb reset-token shop" in text
+    assert scripted.stages == [{"fullDocument": "updateLookup", "startAfter": token(2)}]
+    assert source.reconnects == 0  # not retried
+
+
+async def test_unauthorized_names_the_privileges(scripted: ErrorScript,
+                                                 sources: list[MongoSource]) -> None:
+    scripted.aggregate_errors.append((
+        13, "Unauthorized", "not authorized on app to execute command { aggregate: 1 }"))
+    source = await started(sources, scripted.url())
+    with pytest.raises(SetupError) as err:
+        await opened(source)
+    text = str(err.value)
+    assert "the MongoDB user in the URL of database 'shop' may not watch changes" in text
+    assert "not authorized on app" in text
+    assert "find and changeStream actions" in text and 'role: "read"' in text
+    assert len(scripted.stages) == 1 and source.reconnects == 0
+
+
+@pytest.mark.parametrize(("option", "image"), [
+    ("full_document", "post-image"),
+    ("full_document_before_change", "pre-image"),
+])
+async def test_a_required_image_missing_mid_stream(
+        scripted: ErrorScript, sources: list[MongoSource], option: str, image: str) -> None:
+    scripted.collections[0]["options"] = {"changeStreamPreAndPostImages": {"enabled": True}}
+    source = await started(sources, scripted.url(), **{option: "required"})
+    it, _ = await opened(source)
+    written = scripted.write_orders(1)
+    [change] = flat(await next_batches(it, 1))
+    assert change.key == written[0]["_id"]["_data"]
+    # What MongoDB answers when an image expired or was never recorded.
+    scripted.getmore_errors.append((
+        47, "NoMatchingDocument", f"Change stream was configured to require a {image} for "
+        f"all update, delete and replace events, but the {image} was not found for event"))
+    with pytest.raises(SetupError) as err:
+        await asyncio.wait_for(it.__anext__(), 10)
+    text = str(err.value)
+    assert "a change has no pre- or post-image although the config requires one" in text
+    assert f"but the {image} was not found" in text
+    assert "changeStreamPreAndPostImages: {enabled: true}" in text
+    assert '"whenAvailable"' in text
+    assert source.reconnects == 0
+
+
 # -- collection and database events ------------------------------------------------
 
 
@@ -260,10 +393,21 @@ async def test_drop_and_rename_emit_nothing_but_move_the_checkpoint(
     it, _ = await opened(source)
     fake.rename("orders", "orders_old")
     drop = fake.drop("orders_old")
-    batch = await asyncio.wait_for(it.__anext__(), 10)
-    while batch.checkpoint != token_position(drop["_id"]):
+    with capture_logs() as logs:
         batch = await asyncio.wait_for(it.__anext__(), 10)
+        while batch.checkpoint != token_position(drop["_id"]):
+            batch = await asyncio.wait_for(it.__anext__(), 10)
     assert batch.changes == ()
+    # Nothing is emitted, so the log is the only trace of what happened.
+    told = [e for e in logs if e["log_level"] == "warning"]
+    assert told == [
+        {"event": "collection renamed: later changes arrive under the new name",
+         "log_level": "warning", "database": "shop", "operation": "rename",
+         "collection": "orders", "db": "app", "to": "app.orders_old"},
+        {"event": "collection dropped: its documents emit no delete events",
+         "log_level": "warning", "database": "shop", "operation": "drop",
+         "collection": "orders_old", "db": "app"},
+    ]
     await it.aclose()  # type: ignore[attr-defined]
 
 
@@ -273,7 +417,15 @@ async def test_invalidate_restarts_the_stream_after_it(fake: FakeReplicaSet,
     it, _ = await opened(source)
     invalidate = fake.drop_database()
     later = fake.insert({"_id": 1})
-    batches = await next_batches(it, 1)
+    with capture_logs() as logs:
+        batches = await next_batches(it, 1)
+    assert [(e["event"], e.get("operation")) for e in logs
+            if e["log_level"] == "warning"] == [
+        ("collection dropped: its documents emit no delete events", "drop"),
+        ("database dropped: its documents emit no delete events", "dropDatabase"),
+        ("change stream invalidated; restarting it after the invalidate event",
+         "invalidate"),
+    ]
     [change] = flat(batches)
     assert change.key == later["_id"]["_data"]
     # startAfter: the server refuses resumeAfter with an invalidate token.
