@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
+import attrs
 import pytest
-from dbevents.dispatcher import Dispatcher, backoff_delay
+from dbevents.dispatcher import STOP_GRACE, Dispatcher, backoff_delay
 from dbevents.protocols import StoreSettings
 from dbevents.testing import DELIVERIES, MemorySink, MemoryStore, make_event, reset
 from dbevents.testing.memory import MemorySinkOptions
@@ -137,6 +139,57 @@ async def test_stop_lets_in_flight_attempts_finish() -> None:
     stop.set()
     await asyncio.wait_for(task, 5)
     assert store.s.events[ev.id].status is Status.DELIVERED
+
+
+async def test_stop_with_an_attempt_that_never_finishes_is_bounded_and_loses_nothing() -> None:
+    # An hour-long attempt: it is still in flight however slow the machine is.
+    # One worker: the claim takes two events, one sent and one queued behind it.
+    hung = Trigger(name="t", url="http://x", sink="memory", concurrency=1, timeout=300,
+                   sink_options=MemorySinkOptions(delay_ms=3_600_000))
+    store = MemoryStore(StoreSettings(url="memory://hung"))
+    evs = [make_event(doc_id=str(i), n=i) for i in range(3)]
+    await store.enqueue(evs, {})
+    d = Dispatcher(store, [hung], {"memory": MemorySink()})
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    for _ in range(1000):
+        if sum(e.status is Status.DELIVERING for e in store.s.events.values()) == 2:
+            break
+        await asyncio.sleep(0.005)
+    assert [e.status for e in store.s.events.values()].count(Status.DELIVERING) == 2
+
+    grace = hung.timeout / 1000 + 1.0  # _drain's wait: the longest timeout plus 1 s
+    started = time.monotonic()
+    stop.set()
+    await asyncio.wait_for(task, grace + STOP_GRACE)
+    took = time.monotonic() - started
+    # It waited for the attempt (the grace), then gave up on it rather than hang.
+    assert grace - 0.05 <= took < grace + 2.0, took
+
+    # Both claimed events were handed back at once: pending, no lease, no
+    # attempt recorded (the hung one was cut short, never answered).
+    for ev in evs:
+        assert store.s.events[ev.id].status is Status.PENDING
+        assert store.s.events[ev.id].attempts == 0
+    assert store.s.leases == {} and store.s.attempts == {} and DELIVERIES == []
+
+    # Nothing lost: a dispatcher with a working receiver delivers all three,
+    # without waiting for a lease to run out (the store is not reopened).
+    ok = attrs.evolve(hung, sink_options=MemorySinkOptions())
+    d2 = Dispatcher(store, [ok], {"memory": MemorySink()})
+    stop2 = asyncio.Event()
+    task2 = asyncio.create_task(d2.run(stop2))
+    try:
+        for _ in range(1000):
+            if d2.delivered == 3:
+                break
+            await asyncio.sleep(0.005)
+    finally:
+        stop2.set()
+        await asyncio.wait_for(task2, 10)
+    assert sorted(eid for _, eid, _ in DELIVERIES) == sorted(ev.id for ev in evs)
+    assert all(e.status is Status.DELIVERED and e.attempts == 1
+               for e in store.s.events.values())
 
 
 async def test_wakes_without_polling_when_work_arrives() -> None:
