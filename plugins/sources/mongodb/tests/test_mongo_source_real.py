@@ -9,26 +9,42 @@ docs (docs/source-mongodb.md) show how to start a one-member replica set for thi
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from bson import ObjectId
-from dbevents import ChangeBatch, Operation, SetupError, SourceSettings
-from dbevents.testing import SourceContract
-from dbevents_source_mongodb import MongoOptions, MongoSource
+from click.testing import CliRunner
+from dbevents import (
+    ChangeBatch,
+    Operation,
+    Position,
+    SetupError,
+    SourceSettings,
+    StoreSettings,
+)
+from dbevents.cli import build
+from dbevents.config import parse
+from dbevents.engine import Engine
+from dbevents.testing import MemoryStore, SourceContract, isolated_plugins
+from dbevents_source_mongodb import MongoOptions, MongoSource, plugin
+from dbevents_source_mongodb.decode import position_token, token_position
 from mongo_fake import flat, next_batches
 from pymongo import AsyncMongoClient
+from structlog.testing import capture_logs
+from test_mongo_convert import EXPECTED, SAMPLE
 
 URI = os.environ.get("MONGODB_URI", "")
 
 pytestmark = pytest.mark.skipif(
     not URI, reason="MONGODB_URI is not set: these tests need a MongoDB replica set "
-                    "(see docs/source-mongodb.md); the wire-level tests cover the same "
-                    "cases against a scripted server")
+                    "(see docs/source-mongodb.md, which lists what each kind of test "
+                    "covers); the wire-level tests run against a scripted server")
 
 
 class RealDb:
@@ -191,6 +207,126 @@ async def test_real_authentication_failure(real: RealDb) -> None:
     finally:
         await source.close()
     assert "wrong-pw" not in str(err.value)
+
+
+async def test_real_bson_types(real: RealDb) -> None:
+    """Every row of the type table, stored and sent back by the server itself."""
+    source = real.source()
+    try:
+        it, _ = await opened(source)
+        await real.db.orders.insert_one(dict(SAMPLE))
+        [change] = flat(await next_batches(it, 1, 20))
+        await it.aclose()  # type: ignore[attr-defined]
+    finally:
+        await source.close()
+    assert change.doc_id == "65f0c0ffee0000000000abcd"
+    # Standard JSON, as a receiver parses it (no NaN literals).
+    assert json.loads(json.dumps(change.doc, allow_nan=False)) == EXPECTED
+
+
+async def test_real_rename_and_drop_are_logged_and_emit_nothing(real: RealDb) -> None:
+    source = real.source()
+    try:
+        it, _ = await opened(source)
+        with capture_logs() as logs:
+            await real.db.orders.insert_one({"_id": 1})
+            await real.db.orders.rename("orders_old")
+            await real.db.orders_old.insert_one({"_id": 2})
+            await real.db.orders_old.drop()
+            # A change after them: once it is read, so are they.
+            await real.db.fresh.insert_one({"_id": 3})
+            changes = flat(await next_batches(it, 3, 30))
+        await it.aclose()  # type: ignore[attr-defined]
+    finally:
+        await source.close()
+    assert [(c.operation, c.table, c.doc_id) for c in changes] == [
+        (Operation.INSERT, "orders", "1"), (Operation.INSERT, "orders_old", "2"),
+        (Operation.INSERT, "fresh", "3")]
+    warned = [(e["event"], e.get("collection"), e.get("to")) for e in logs
+              if e["log_level"] == "warning"]
+    assert warned == [
+        ("collection renamed: later changes arrive under the new name", "orders",
+         f"{real.name}.orders_old"),
+        ("collection dropped: its documents emit no delete events", "orders_old", None),
+    ]
+
+
+def _engine_config(real: RealDb) -> dict[str, Any]:
+    return {
+        "eventing": {"store": "memory://real"},
+        "databases": {"real": {"type": "mongodb", "url": URI, "database": real.name}},
+        "triggers": [{"name": "t", "url": "https://hooks.example.com/x", "sink": "memory"}],
+    }
+
+
+def _stored() -> MemoryStore:
+    return MemoryStore(StoreSettings(url="memory://real"))
+
+
+def _reset_token(tmp_path: Path) -> Any:
+    path = tmp_path / "dbevents.toml"
+    plugins = isolated_plugins(("source-mongodb", plugin))
+    return CliRunner().invoke(build(plugins), ["--config", str(path), "mongodb",
+                                               "reset-token", "real", "--yes"], obj=plugins)
+
+
+async def test_real_reset_token_command(real: RealDb, tmp_path: Path) -> None:
+    source = real.source()
+    try:
+        await source.start()
+        old = await source.current_position()
+    finally:
+        await source.close()
+    await _stored().enqueue([], {"real": old})
+    await real.db.orders.insert_one({"_id": "given-up"})
+    # A JSON string is a valid TOML basic string: the URI is quoted safely.
+    (tmp_path / "dbevents.toml").write_text(
+        f'[eventing]\nstore = "memory://real"\n[databases.real]\ntype = "mongodb"\n'
+        f'url = {json.dumps(URI)}\ndatabase = "{real.name}"\n')
+    # The command runs its own event loop: run it off this one.
+    result = await asyncio.to_thread(_reset_token, tmp_path)
+    assert result.exit_code == 0, result.output
+    new = await _stored().checkpoint("real")
+    assert new is not None and new != old
+    assert f"checkpoint moved from {old} to {new} (now)" in result.output
+    # From the new checkpoint only what came after the reset is read.
+    await real.db.orders.insert_one({"_id": "after"})
+    source = real.source()
+    try:
+        await source.start()
+        it = source.changes(new).__aiter__()
+        [change] = flat(await next_batches(it, 1, 20))
+        await it.aclose()  # type: ignore[attr-defined]
+    finally:
+        await source.close()
+    assert change.doc_id == "after"
+
+
+def _older(position: Position, seconds: int) -> Position:
+    """The same resume token moved back in time: its ``_data`` opens with the
+    cluster time (0x82, then 4 bytes of seconds and 4 of increment, hex)."""
+    data = position_token(position, "real")["_data"]
+    assert data[:2] == "82", f"unexpected resume token format {data!r}"
+    return token_position({"_data": f"82{seconds:08X}{data[10:]}"})
+
+
+async def test_real_history_lost_from_a_stored_token(real: RealDb) -> None:
+    source = real.source()
+    try:
+        await source.start()
+        now = await source.current_position()
+    finally:
+        await source.close()
+    # A token from before any oplog entry: what a checkpoint older than the oplog
+    # window looks like to the server.
+    lost = _older(now, int(datetime(2001, 1, 1, tzinfo=UTC).timestamp()))
+    await _stored().enqueue([], {"real": lost})
+    plugins = isolated_plugins(("source-mongodb", plugin))
+    engine = Engine(parse(_engine_config(real), plugins), plugins)
+    with pytest.raises(SetupError, match="fallen off the oplog") as err:
+        await asyncio.wait_for(engine.run(), 30)
+    assert "dbevents mongodb reset-token real" in str(err.value)
+    assert await _stored().checkpoint("real") == lost  # nothing skipped on its own
 
 
 class _RealEnv:
