@@ -199,7 +199,9 @@ class Engine:
             new = await self._retry_store(lambda: self.store.enqueue(events, cps))
         else:
             new = 0
-        if new:
+        if events:
+            # Not only when `new`: a retried write may find its events stored by an
+            # attempt whose reply was lost (new == 0), and they still wait for delivery.
             self.dispatcher.wake()
         if checkpoint is not None:
             await source.confirm(checkpoint)
