@@ -374,3 +374,70 @@ async def test_a_network_cut_is_retried_then_reported_unavailable(
     pg.execute("INSERT INTO t VALUES (2)")
     again = await pg.reader(source, reader.checkpoints[-1]).until(1)
     assert [c.doc for c in again] == [{"id": 2}]
+
+
+SHORT_TIMEOUT = 2.0  # seconds: the walsender ends a session silent for longer
+
+
+def _short_timeout_url(pg: PgEnv) -> str:
+    # wal_sender_timeout is a per-session setting, so this stream alone gets it.
+    return f"{pg.url}?options=-c%20wal_sender_timeout%3D{SHORT_TIMEOUT:g}s"
+
+
+async def test_the_short_wal_sender_timeout_ends_a_silent_session(pg: PgEnv) -> None:
+    """The control for the two tests below: a replication session that never
+    answers is ended after the timeout the URL sets."""
+    slot = f"silent_{pg.dbname[-12:]}"
+    conn = await psycopg.AsyncConnection.connect(_short_timeout_url(pg), replication="database",
+                                                 autocommit=True)
+    try:
+        await conn.execute(f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput")
+        pid = conn.info.backend_pid
+        await conn.execute(f"START_REPLICATION SLOT {slot} LOGICAL 0/0"
+                           " (proto_version '1', publication_names 'none')")
+        deadline = time.monotonic() + 5 * SHORT_TIMEOUT
+        while pg.server.execute("SELECT 1 FROM pg_stat_replication WHERE pid = %s", (pid,)):
+            assert time.monotonic() < deadline, "the silent walsender was not ended"
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+
+
+async def test_keepalives_keep_an_idle_stream_alive(pg: PgEnv) -> None:
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    source = await pg.started(tables=["t"], url=_short_timeout_url(pg))
+    reader = pg.reader(source)
+    pg.execute("INSERT INTO t VALUES (1)")
+    await reader.until(1, confirm=True)
+    pid = pg.slot(source)["pid"]
+    with capture_logs() as logs:
+        pending = asyncio.ensure_future(reader.next_batch(within=60))
+        await asyncio.sleep(4 * SHORT_TIMEOUT)
+        assert not pending.done()
+        assert pg.slot(source)["pid"] == pid  # the same walsender throughout
+        pg.execute("INSERT INTO t VALUES (2)")
+        batch = await pending
+        assert [c.doc for c in batch.changes] == [{"id": 2}] and batch.checkpoint
+    assert [c.doc for c in reader.changes] == [{"id": 1}, {"id": 2}]
+    assert not [e for e in logs if "reconnecting" in e["event"]]
+    assert pg.slot(source)["pid"] == pid
+
+
+async def test_a_slow_consumer_keeps_its_stream_alive(pg: PgEnv) -> None:
+    """While the engine holds a batch (the reader is suspended, nothing reads the
+    socket), the status updates alone must reach the server in time, although
+    the default status_interval (10 s) is longer than the server's timeout."""
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    source = await pg.started(tables=["t"], url=_short_timeout_url(pg))
+    reader = pg.reader(source)
+    pg.execute("INSERT INTO t VALUES (1)")
+    await reader.until(1)
+    pid = pg.slot(source)["pid"]
+    with capture_logs() as logs:
+        pg.execute("INSERT INTO t VALUES (2)")  # waits in the socket, unread
+        await asyncio.sleep(4 * SHORT_TIMEOUT)  # a slow store
+        assert pg.slot(source)["pid"] == pid
+        await reader.until(2, confirm=True)
+    assert [c.doc for c in reader.changes] == [{"id": 1}, {"id": 2}]
+    assert not [e for e in logs if "reconnecting" in e["event"]]
+    assert pg.slot(source)["pid"] == pid

@@ -103,6 +103,21 @@ def status_message(flush: int, reply: bool = False) -> bytes:
     return _STATUS.pack(b"r", flush, flush, flush, _now_micros(), 1 if reply else 0)
 
 
+async def _within_sender_timeout(conn: psycopg.AsyncConnection[Any],
+                                 status_interval: float) -> float:
+    """The status interval, shortened to a third of this walsender's
+    wal_sender_timeout when that is shorter. While the engine stores a batch
+    nothing reads the socket, so the server's keepalive requests go unanswered
+    and the periodic status update alone keeps the session alive."""
+    cur = await conn.execute(
+        b"SELECT setting FROM pg_settings WHERE name = 'wal_sender_timeout'")
+    row = await cur.fetchone()
+    timeout_ms = int(row[0]) if row and row[0] else 0  # 0: no timeout
+    if timeout_ms > 0:
+        return min(status_interval, timeout_ms / 3000)
+    return status_interval
+
+
 class ReplicationStream:
     """One START_REPLICATION session. ``read()`` returns CopyData payloads in
     order; a background task sends a standby status update every
@@ -145,6 +160,7 @@ class ReplicationStream:
             if row is None:
                 raise StreamError(f"replication slot {slot!r} does not exist", "42704")
             slot_confirmed = parse_lsn(row[0]) if row[0] else 0
+            status_interval = await _within_sender_timeout(conn, status_interval)
             cur = await conn.execute(start_command(slot, publications, start_lsn).encode())
             if cur.pgresult is None or cur.pgresult.status != pq.ExecStatus.COPY_BOTH:
                 raise StreamError("START_REPLICATION did not enter copy-both mode", None)
