@@ -49,9 +49,9 @@ def postgres() -> None:
 def drop_slot(state: Any, database: str, yes: bool) -> None:
     """Drop the replication slot of the [databases.DATABASE] section.
 
-    dbevents never drops a slot by itself. Without the slot PostgreSQL forgets
-    what dbevents has read: changes made before the next start (which creates a
-    new slot) are never captured. Stop dbevents first.
+    dbevents never drops a slot holding changes it has not confirmed. Without
+    the slot PostgreSQL forgets what dbevents has read: changes made before the
+    next start (which creates a new slot) are never captured. Stop dbevents first.
     """
     db = _postgres_database(state, database)
     slot = slot_name(database, db.options)

@@ -33,8 +33,9 @@ def _positive(_: Any, attribute: attrs.Attribute[Any], value: float) -> None:
 
 @attrs.frozen
 class PostgresOptions:
-    # The replication slot (default dbevents_<database key>). Created when missing,
-    # never dropped by dbevents: `dbevents postgres drop-slot NAME` does that.
+    # The replication slot (default dbevents_<database key>). Created when missing;
+    # dbevents drops only one it has just created and refuses to use (the
+    # checkpoint's slot was lost): `dbevents postgres drop-slot NAME` drops others.
     slot: str | None = attrs.field(default=None, validator=_check_slot)
     # The publication (default: the slot's name). Created when missing, FOR the
     # tables the triggers watch, or FOR ALL TABLES when a trigger watches every
