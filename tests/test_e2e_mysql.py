@@ -4,6 +4,7 @@ MariaDB with a row binlog, the SQLite eventing DB and a real webhook receiver.""
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from pathlib import Path
@@ -20,8 +21,13 @@ store = "sqlite:///events.db"
 type = "mysql"
 url = "{url}"
 
+[databases.other]
+type = "mysql"
+url = "{other}"
+
 [[triggers]]
 name = "users"
+databases = ["shop"]
 tables = ["users"]
 url = "{hooks}/users"
 
@@ -42,21 +48,24 @@ backoff_base = 10
 backoff_max = 50
 """
 
+ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
 
 def test_insert_update_delete_filters_retries_and_redelivery(
         mariadb_server: MariaDBServer, tmp_path: Path, receiver: ThreadedReceiver) -> None:
-    db = f"e2e_{uuid.uuid4().hex[:8]}"
-    mariadb_server.create_database(db)
-    mariadb_server.execute(
-        "CREATE TABLE users (id INT PRIMARY KEY, name VARCHAR(50) NOT NULL, email TEXT)",
-        db=db)
-    mariadb_server.execute(
-        "CREATE TABLE orders (id INT PRIMARY KEY, total DECIMAL(10,2) NOT NULL)", db=db)
+    db, other = (f"e2e_{uuid.uuid4().hex[:8]}" for _ in range(2))
+    for name in (db, other):
+        mariadb_server.create_database(name)
+        mariadb_server.execute(
+            "CREATE TABLE users (id INT PRIMARY KEY, name VARCHAR(50) NOT NULL, email TEXT)",
+            db=name)
+        mariadb_server.execute(
+            "CREATE TABLE orders (id INT PRIMARY KEY, total DECIMAL(10,2) NOT NULL)", db=name)
     # Attempt 1: HTTP 500; attempt 2: slower than the 2 s timeout; attempt 3: 500.
     # (A timeout well above a stall under load: the 500s must arrive as 500s.)
     receiver.script("/fail", 500, Reply(delay=30.0), 500)
     config = tmp_path / "dbevents.toml"
-    config.write_text(CONFIG.format(url=mariadb_server.dsn(db),
+    config.write_text(CONFIG.format(url=mariadb_server.dsn(db), other=mariadb_server.dsn(other),
                                     hooks=receiver.url("").rstrip("/")))
     run = Dbevents(config)
     stopped: int | None = None
@@ -65,21 +74,33 @@ def test_insert_update_delete_filters_retries_and_redelivery(
         # A first start stores its starting binlog position at once: changes from
         # then on are captured.
         deadline = time.monotonic() + 30
-        while not json.loads(cli(config, "status", "--json").stdout)["sources"]["shop"][
-                "checkpoint"]:
-            assert time.monotonic() < deadline, "no starting checkpoint stored"
+        while not all(s["checkpoint"] for s in json.loads(
+                cli(config, "status", "--json").stdout)["sources"].values()):
+            assert time.monotonic() < deadline, "no starting checkpoints stored"
             time.sleep(0.1)
         mariadb_server.execute("INSERT INTO users VALUES (1, 'ada', 'ada@example.com')", db=db)
         mariadb_server.execute("UPDATE users SET email = 'ada@lovelace.org' WHERE id = 1", db=db)
         mariadb_server.execute("DELETE FROM users WHERE id = 1", db=db)
         mariadb_server.execute("INSERT INTO orders VALUES (10, 12.50), (11, 0.10)", db=db)
         mariadb_server.execute("UPDATE orders SET total = 13 WHERE id = 10", db=db)
+        # `users` watches shop only; `order-inserts` every database.
+        mariadb_server.execute("INSERT INTO users VALUES (2, 'bob', NULL)", db=other)
+        mariadb_server.execute("INSERT INTO orders VALUES (20, 1.00)", db=other)
         users = receiver.wait_for(3, "/users", timeout=30)
-        orders = receiver.wait_for(2, "/orders", timeout=30)
+        orders = receiver.wait_for(3, "/orders", timeout=30)
         fails = receiver.wait_for(3, "/fail", timeout=30)
 
         assert [cloudevent(r).get_type() for r in users] == \
             ["DB_INSERT", "DB_UPDATE", "DB_DELETE"]
+        # The exact envelope: these keys only, one source, times in ms UTC.
+        bodies = [r.json() for r in users + orders + fails]
+        source = bodies[0]["source"]
+        uuid.UUID(source)
+        for b in bodies:
+            assert set(b) == {"specversion", "id", "type", "source", "time", "data"}
+            assert b["specversion"] == "1.0" and b["source"] == source
+            assert ISO_MS.match(b["time"]) and uuid.UUID(b["id"])
+        assert all(r.headers["Content-Type"] == "application/json" for r in users)
         data = [r.json()["data"] for r in users]
         assert data[0] == {"db": "sql-mysql", "col": "users", "docId": "1",
                            "doc": {"id": 1, "name": "ada", "email": "ada@example.com"}}
@@ -89,7 +110,7 @@ def test_insert_update_delete_filters_retries_and_redelivery(
         assert data[2] == {"db": "sql-mysql", "col": "users", "docId": "1",
                            "doc": {"id": 1, "name": "ada", "email": "ada@lovelace.org"}}
         assert sorted((r.json()["data"]["docId"], r.json()["data"]["doc"]["total"])
-                      for r in orders) == [("10", "12.50"), ("11", "0.10")]
+                      for r in orders) == [("10", "12.50"), ("11", "0.10"), ("20", "1.00")]
 
         failed_id = fails[0].json()["id"]
         assert {r.json()["id"] for r in fails} == {failed_id}
@@ -104,15 +125,17 @@ def test_insert_update_delete_filters_retries_and_redelivery(
         receiver.script("/fail", 200)
         cli(config, "events", "redeliver", "--status", "failed")
         receiver.wait_for(4, "/fail", timeout=30)
+        assert len(receiver.requests("/users")) == 3  # nothing from `other`
     finally:
         # Clean up whatever happened; the exit code is checked afterwards.
         try:
             stopped = run.stop()
         finally:
-            mariadb_server.drop_database(db)
+            for name in (db, other):
+                mariadb_server.drop_database(name)
     assert stopped == 0, run.text(complete=False)[-4000:]
     rows = events(config)
     assert sorted((r["trigger"], r["type"]) for r in rows) == sorted([
         ("users", "DB_INSERT"), ("users", "DB_UPDATE"), ("users", "DB_DELETE"),
         ("order-inserts", "DB_INSERT"), ("order-inserts", "DB_INSERT"),
-        ("failing", "DB_UPDATE")])
+        ("order-inserts", "DB_INSERT"), ("failing", "DB_UPDATE")])
