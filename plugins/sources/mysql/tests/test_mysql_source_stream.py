@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from dbevents import Change, Position
 from dbevents_source_mysql.packets import PacketStream
+from dbevents_source_mysql.position import BinlogPosition
 
 from testsupport.fixtures import unique_name
 
@@ -73,6 +74,25 @@ async def test_a_transaction_is_checkpointed_at_its_commit(mysql_env: Any,
     # batch_size 2: the transaction goes out in chunks; only its end carries a position.
     assert [len(b.changes) for b in with_changes] == [2, 2, 1]
     assert [b.checkpoint is not None for b in with_changes] == [False, False, True]
+
+
+async def test_checkpoints_carry_the_gtid_of_the_transaction_they_end(
+        mysql_env: Any, reading: Any) -> None:
+    r = await reading(mysql_env.make_source())
+    (server_id,), = mysql_env.execute("SELECT @@server_id")
+    for n, name in enumerate(("a", "b"), 1):
+        mysql_env.execute("INSERT INTO items (name) VALUES (%s)", (name,))
+        # The GTID MariaDB gave this session's last transaction: domain-server-seq.
+        (gtid,), = mysql_env.execute("SELECT @@last_gtid")
+        assert gtid.split("-")[1] == str(server_id)
+        await r.wait_for(n)
+        checkpoint = r.checkpoint
+        assert checkpoint is not None and checkpoint.value.endswith(f" gtid={gtid}")
+        position = BinlogPosition.from_position(checkpoint)
+        assert position.gtid == gtid
+    # Resuming uses the file and offset, which it shares with the server's own view.
+    (file, offset, *_), = mysql_env.execute("SHOW MASTER STATUS")
+    assert (position.file, position.pos) == (file, offset)
 
 
 async def test_a_rolled_back_transaction_emits_nothing(mysql_env: Any, reading: Any) -> None:
