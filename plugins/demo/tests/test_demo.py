@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,6 +76,13 @@ def test_demo_shows_deliveries_retries_and_resumes(tmp_path: Path) -> None:
         assert f"{kind} users" in out and "200 OK" in out
     assert "500 on purpose (attempt 1 of 3)" in out
     assert "the event is now 'failed'" in out
+    # Each delivery's line shows its latency: event time to arrival, in ms.
+    deliveries = [line for line in out.splitlines() if line.startswith("DB_")]
+    latencies = [re.search(r"  attempt \d+  latency (-?\d+) ms  ", line) for line in deliveries]
+    assert deliveries and all(latencies), deliveries
+    # Commit time and arrival share this machine's clock: small and not negative
+    # (bar the commit time's rounding to the millisecond).
+    assert all(-1 <= int(m.group(1)) < 300_000 for m in latencies if m), deliveries
     first_payloads = payloads(out)
     assert first_payloads and all(p["specversion"] == "1.0" for p in first_payloads)
     assert (folder / "dbevents.toml").exists() and (folder / "dbevents.db").exists()
