@@ -99,6 +99,11 @@ SELECT = "SELECT ON `{db}`.*"
     ((MONITOR, SELECT), ["lacks the REPLICATION SLAVE privilege", "GRANT REPLICATION SLAVE"]),
     ((REPL, SELECT), ["lacks the BINLOG MONITOR privilege", "GRANT BINLOG MONITOR ON *.*"]),
     ((REPL, MONITOR), ["has no privilege on it", "GRANT SELECT ON `"]),
+    # Any privilege makes the database visible; only SELECT lets the source read.
+    ((REPL, MONITOR, "INSERT ON `{db}`.*"),
+     ["lacks the SELECT privilege on tables of `", "items", "GRANT SELECT ON `"]),
+    ((REPL, MONITOR, "INSERT ON `{db}`.*", "SELECT (id) ON `{db}`.items"),
+     ["lacks the SELECT privilege on tables of `", "GRANT SELECT ON `"]),
 ])
 async def test_missing_privileges(mysql_env: Any, make_user: Any, grants: tuple[str, ...],
                                   words: list[str]) -> None:
@@ -115,6 +120,18 @@ async def test_enough_privileges_read_changes(mysql_env: Any, make_user: Any,
     r = await reading(mysql_env.make_source(url=url))
     await mysql_env.write(2)
     assert len(await r.wait_for(2)) == 2
+
+
+async def test_select_is_checked_on_the_watched_tables_only(mysql_env: Any, make_user: Any,
+                                                          reading: Any) -> None:
+    mysql_env.execute("CREATE TABLE secret (id INT PRIMARY KEY)")
+    url = make_user(mysql_env.database, REPL, MONITOR, "INSERT ON `{db}`.*",
+                    "SELECT ON `{db}`.items")
+    message = await _start_fails(mysql_env.make_source(url=url))
+    assert "lacks the SELECT privilege" in message and "secret" in message
+    r = await reading(mysql_env.make_source(url=url, tables=frozenset({"items"})))
+    await mysql_env.write(1)
+    assert len(await r.wait_for(1)) == 1
 
 
 async def test_wrong_password_hides_it(mysql_env: Any, make_user: Any) -> None:

@@ -21,6 +21,8 @@ from dbevents_source_mysql.position import BinlogPosition
 ER_ACCESS_DENIED = 1045
 ER_DBACCESS_DENIED = 1044
 ER_SPECIFIC_ACCESS_DENIED = 1227
+ER_TABLEACCESS_DENIED = 1142
+ER_COLUMNACCESS_DENIED = 1143
 ER_MASTER_FATAL_READING_BINLOG = 1236  # purged / missing binlog file, bad position
 ER_PARSE_ERROR = 1064
 COM_BINLOG_DUMP = 0x12
@@ -74,7 +76,8 @@ def _user(conn: pymysql.connections.Connection[Any]) -> str:
 
 
 def check_server(conn: pymysql.connections.Connection[Any], *, schemas: tuple[str, ...],
-                 server_id: int, server_id_set: bool) -> ServerInfo:
+                 server_id: int, server_id_set: bool,
+                 tables: frozenset[str] | None = None) -> ServerInfo:
     """Every check that does not need the binlog position; returns facts for the
     reader."""
     v = variables(conn)
@@ -141,9 +144,50 @@ def check_server(conn: pymysql.connections.Connection[Any], *, schemas: tuple[st
                 f"privilege on it: create it, or GRANT SELECT ON `{schema}`.* TO {user} "
                 f"(SELECT lets the source read column metadata); check `schemas` and "
                 f"the URL")
+        check_select(conn, user, schema, _watched_tables(conn, schema, schemas, tables))
     checksum = v.get("binlog_checksum", "NONE").upper() not in ("NONE", "")
     return ServerInfo(mariadb=mariadb, version=v.get("version", ""), server_id=own_id,
                       checksum=checksum)
+
+
+def _watched_tables(conn: pymysql.connections.Connection[Any], schema: str,
+                    schemas: tuple[str, ...], tables: frozenset[str] | None) -> list[str]:
+    """The tables of ``schema`` the source may read, as far as the user can see them
+    (any privilege on a table makes it visible, INSERT alone included)."""
+    rows = _query(conn, "SELECT TABLE_NAME FROM information_schema.TABLES "
+                        "WHERE TABLE_SCHEMA = %s AND TABLE_TYPE = 'BASE TABLE'", (schema,))
+    names = [str(r[0]) for r in rows]
+    if tables is None:
+        return names
+    qualify = len(schemas) > 1  # data.col is "schema.table" then, as in the filter
+    return [n for n in names if (f"{schema}.{n}" if qualify else n) in tables]
+
+
+_SELECT_CHUNK = 50  # tables per probe: well under the 61 tables a join may hold
+
+
+def check_select(conn: pymysql.connections.Connection[Any], user: str, schema: str,
+                 tables: list[str]) -> None:
+    """SELECT on every watched table, tested by selecting from them (LIMIT 0 reads
+    no row). Seeing the database proves nothing (any privilege, INSERT alone,
+    shows it), and asking the server covers roles and column grants without
+    parsing grants. A database with no table yet has nothing to test."""
+    for i in range(0, len(tables), _SELECT_CHUNK):
+        names = ", ".join(f"{_ident(schema)}.{_ident(t)}"
+                          for t in tables[i:i + _SELECT_CHUNK])
+        try:
+            _query(conn, f"SELECT * FROM {names} LIMIT 0")
+        except pymysql.err.MySQLError as exc:
+            if exc.args and exc.args[0] in (ER_TABLEACCESS_DENIED, ER_COLUMNACCESS_DENIED):
+                raise SetupError(
+                    f"the user {user} lacks the SELECT privilege on tables of `{schema}` "
+                    f"({exc.args[1]}): GRANT SELECT ON {_ident(schema)}.* TO {user} "
+                    f"(the source reads the watched tables' column metadata)") from None
+            raise
+
+
+def _ident(name: str) -> str:
+    return "`" + name.replace("`", "``") + "`"
 
 
 def check_replication(conn: pymysql.connections.Connection[Any], server_id: int) -> None:

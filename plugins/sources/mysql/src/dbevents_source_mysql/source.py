@@ -72,7 +72,8 @@ class MysqlSource:
         conn = self._connect()
         try:
             info = checks.check_server(conn, schemas=self.schemas, server_id=self.server_id,
-                                       server_id_set=self.options.server_id is not None)
+                                       server_id_set=self.options.server_id is not None,
+                                       tables=self.settings.tables)
             # Where to begin is checked by changes(): only it knows the checkpoint.
             checks.check_replication(conn, self.server_id)
             return info
