@@ -116,6 +116,32 @@ async def test_every_type_as_json(mysql_env: Any, reading: Any) -> None:
     assert '"biu":18446744073709551615' in dumps(changes[0].doc).decode()
 
 
+async def test_every_type_in_updates_and_deletes(mysql_env: Any, reading: Any) -> None:
+    """The row before an update and the deleted row are decoded from their own
+    images in the rows events: every type must come out right there too."""
+    mysql_env.execute(TYPES)
+    mysql_env.execute("SET time_zone = '+02:00'")
+    mysql_env.execute(f"INSERT INTO t ({COLUMNS}) VALUES {MAXED}, {MINIMAL}")
+    mysql_env.execute("INSERT INTO t (id) VALUES (3)")
+    mysql_env.execute("SET time_zone = '+00:00'")
+    (file, offset, *_), = mysql_env.execute("SHOW MASTER STATUS")
+    r = await reading(mysql_env.make_source(start=f"{file}:{offset}"))  # after the inserts
+    mysql_env.execute("UPDATE t SET vc = 'changed' ORDER BY id")
+    mysql_env.execute("DELETE FROM t ORDER BY id")
+    changes = [c for c in await r.wait_for(6) if c.table == "t"]
+    nulls = {name: (3 if name == "id" else None) for name in COLUMNS.split(", ")}
+    before = [EXPECTED_MAXED, EXPECTED_MINIMAL, nulls]
+    after = [{**row, "vc": "changed"} for row in before]
+    assert [(c.operation, c.doc_id) for c in changes] == [
+        *((Operation.UPDATE, str(i)) for i in (1, 2, 3)),
+        *((Operation.DELETE, str(i)) for i in (1, 2, 3))]
+    updates, deletes = changes[:3], changes[3:]
+    assert [dict(c.doc or {}) for c in updates] == after
+    assert [dict(c.extra) for c in updates] == [{"old": row} for row in before]
+    assert [dict(c.doc or {}) for c in deletes] == after
+    assert all(not c.extra for c in deletes)
+
+
 async def test_packed_formats_match_the_servers_rendering(mysql_env: Any, reading: Any) -> None:
     """DECIMAL, TIME(n), DATETIME(n) and FLOAT, random values: what the source
     decodes from the binlog equals what the server prints for the same rows."""
