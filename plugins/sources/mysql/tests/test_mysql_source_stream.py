@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -40,6 +41,24 @@ async def test_insert_update_delete(mysql_env: Any, reading: Any) -> None:
     assert all(c.key.startswith(file + ":") and c.key.endswith(":0") for c in changes)
     assert len({c.key for c in changes}) == 3
     assert r.checkpoint is not None
+
+
+async def test_time_is_the_binlog_events_timestamp(mysql_env: Any, reading: Any) -> None:
+    r = await reading(mysql_env.make_source())
+    # The server's clock around the statement: the event's timestamp is when it
+    # began, in whole seconds.
+    (before,), = mysql_env.execute("SELECT UNIX_TIMESTAMP(SYSDATE(6))")
+    mysql_env.execute("INSERT INTO items (name) VALUES ('now')")
+    (after,), = mysql_env.execute("SELECT UNIX_TIMESTAMP(SYSDATE(6))")
+    # A session may set the timestamp its statements carry into the binlog: a time
+    # no clock reading could produce shows which one the source reports.
+    mysql_env.execute("SET timestamp = 1234567890")
+    mysql_env.execute("INSERT INTO items (name) VALUES ('then')")
+    mysql_env.execute("SET timestamp = DEFAULT")
+    now, then = await r.wait_for(2)
+    assert int(before) <= now.time.timestamp() <= after
+    assert now.time.microsecond == 0 and now.time.utcoffset() == timedelta(0)
+    assert then.time == datetime(2009, 2, 13, 23, 31, 30, tzinfo=UTC)
 
 
 async def test_multi_row_statements(mysql_env: Any, reading: Any) -> None:
