@@ -3,6 +3,7 @@
 The public API for plugins is what this module and ``dbevents.testing`` export.
 """
 
+from dbevents.envelope import batch_body, request_body
 from dbevents.errors import (
     ConfigError,
     DbeventsError,
@@ -62,5 +63,7 @@ __all__ = [
     "StoreUnavailable",
     "Trigger",
     "TriggerStats",
+    "batch_body",
     "hookimpl",
+    "request_body",
 ]

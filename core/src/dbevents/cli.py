@@ -20,10 +20,11 @@ from dbevents import logs
 from dbevents import plugins as plugins_mod
 from dbevents.durations import parse_duration
 from dbevents.engine import Engine, make_store
+from dbevents.envelope import request_body
 from dbevents.errors import DbeventsError
 from dbevents.masking import mask_dsn, mask_url
 from dbevents.protocols import EventFilter, Store
-from dbevents.values import Status
+from dbevents.values import Event, Status
 
 T = TypeVar("T")
 log = structlog.get_logger("dbevents.cli")
@@ -224,23 +225,44 @@ def events_list(state: State, status: str | None, trigger: str | None, database:
 
 @events.command("show")
 @click.argument("event_id")
+@click.option("--body", "body_of", type=int, metavar="N",
+              help="Print only the exact request body attempt N sent.")
 @click.pass_obj
-def events_show(state: State, event_id: str) -> None:
+def events_show(state: State, event_id: str, body_of: int | None) -> None:
     """One event: its payload and every attempt."""
     async def body(store: Store) -> Any:
-        return await store.get_event(event_id), await store.attempts(event_id)
+        ev, attempts = await store.get_event(event_id), await store.attempts(event_id)
+        members: list[Event] = []
+        chosen = [a for a in attempts if a.number == body_of]
+        if chosen and chosen[-1].request_id is not None:
+            members = await store.list_events(EventFilter(
+                request_id=chosen[-1].request_id, limit=max(1, chosen[-1].batch_size)))
+        return ev, attempts, chosen, members
 
-    ev, attempts = run_async(with_store(state, body))
+    ev, attempts, chosen, members = run_async(with_store(state, body))
     if ev is None:
         click.echo(f"error: no event with id {event_id}", err=True)
         sys.exit(1)
+    if body_of is not None:
+        if not chosen:
+            click.echo(f"error: event {event_id} has no attempt {body_of}", err=True)
+            sys.exit(1)
+        sent = request_body(ev, chosen[-1], members)
+        if sent is None:
+            click.echo(f"error: attempt {body_of} went out in a batch of "
+                       f"{chosen[-1].batch_size} events, of which only {len(members)} are "
+                       "still in the event log (the others were purged)", err=True)
+            sys.exit(1)
+        click.echo(sent.decode("utf-8", "replace"))
+        return
     out = _event_dict(ev)
     out["payload"] = json.loads(ev.payload)
     out["attempts_log"] = [
         {"number": a.number, "started_at": a.started_at.isoformat(),
          "duration_ms": round(a.duration_ms, 1), "ok": a.ok, "status_code": a.status_code,
          "error": a.error, "request_headers": dict(a.request_headers),
-         "response_body": a.response_body, "batch_size": a.batch_size}
+         "response_body": a.response_body, "batch_size": a.batch_size,
+         "request_id": a.request_id, "batch_index": a.batch_index}
         for a in attempts
     ]
     click.echo(json.dumps(out, indent=2))

@@ -59,8 +59,15 @@ def verdicts(trigger: Trigger, events: Sequence[Event], outcomes: Sequence[Outco
     is made once per outcome and attempt number (and a batch retries together)."""
     decided: dict[tuple[int, int], tuple[Status, datetime | None]] = {}
     finishes = []
+    # An event's place in its request (the events of one request share its Outcome).
+    index: dict[int, int] = {}
     for event, o in zip(events, outcomes, strict=True):
         number = event.attempts + 1
+        if o.request_id is None:
+            position = 0
+        else:
+            position = index.get(id(o), 0)
+            index[id(o)] = position + 1
         key = (id(o), number)
         verdict_ = decided.get(key)
         if verdict_ is None:
@@ -74,7 +81,8 @@ def verdicts(trigger: Trigger, events: Sequence[Event], outcomes: Sequence[Outco
             decided[key] = verdict_
         # Positional: the fields in their declared order (cheaper than keywords).
         attempt = Attempt(event.id, number, o.started_at, o.duration_ms, o.ok, o.status_code,
-                          o.response_body, o.error, o.request_headers, o.batch_size)
+                          o.response_body, o.error, o.request_headers, o.batch_size,
+                          o.request_id, position)
         finishes.append(Finish(event.id, attempt, *verdict_))
     return finishes
 

@@ -6,13 +6,14 @@ import base64
 import json
 import math
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
 import structlog
 
-from dbevents.values import Change, Event, Trigger
+from dbevents.values import Attempt, Change, Event, Trigger
 
 log = structlog.get_logger("dbevents.envelope")
 
@@ -121,3 +122,20 @@ def build_event(change: Change, trigger: Trigger, source_id: str) -> Event:
         type=change.operation.event_type,
         payload=body,
     )
+
+
+def batch_body(payloads: Sequence[bytes]) -> bytes:
+    """Several events in one request: a JSON array of their CloudEvents (the
+    structured batch format, ``application/cloudevents-batch+json``)."""
+    return b"[" + b",".join(payloads) + b"]"
+
+
+def request_body(event: Event, attempt: Attempt, members: Sequence[Event]) -> bytes | None:
+    """The exact body ``attempt`` of ``event`` sent: the event's payload, or for a
+    batch the array of ``members`` (the events sharing its request id, in their
+    order in it). None when some of them are no longer stored (purged)."""
+    if attempt.request_id is None:
+        return event.payload
+    if len(members) != attempt.batch_size:
+        return None
+    return batch_body([m.payload for m in members])

@@ -85,6 +85,8 @@ class EventFilter:
     trigger: str | None = None
     database: str | None = None
     limit: int = 100
+    # The events one batch request carried, in their order in it.
+    request_id: str | None = None
 
 
 @attrs.frozen

@@ -136,6 +136,9 @@ class Outcome:
     give_up: bool = False  # the sink knows retrying is pointless
     request_headers: Mapping[str, str] = attrs.field(factory=dict)  # masked
     batch_size: int = 1
+    # Set when one request carried several events (a batch): the same id on each
+    # of them, so the request body can be rebuilt from their payloads.
+    request_id: str | None = None
 
 
 @attrs.frozen
@@ -152,6 +155,11 @@ class Attempt:
     error: str | None = None
     request_headers: Mapping[str, str] = attrs.field(factory=dict)
     batch_size: int = 1
+    # The request body is not stored twice: it is the event's own payload, or,
+    # for a batch, the JSON array of the payloads of the events whose attempts
+    # share ``request_id``, in ``batch_index`` order (see request_body()).
+    request_id: str | None = None
+    batch_index: int = 0
 
 
 @attrs.frozen

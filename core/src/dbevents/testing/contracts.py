@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import attrs
 import pytest
 
 from dbevents.envelope import dumps
@@ -165,6 +166,31 @@ class StoreContract:
         assert attempts[0].request_headers["authorization"] == "***"
         got = await store.get_event(ev.id)
         assert got is not None and got.status is Status.DELIVERED and got.attempts == 2
+
+    async def test_a_batch_request_is_recorded_by_reference(self, store: Store) -> None:
+        # Three events in one request, a fourth alone: each attempt says which
+        # request carried it and where, and the request's events come back in
+        # that order (the body is rebuilt from them, never stored twice).
+        evs = [make_event(doc_id=str(i)) for i in range(4)]
+        await store.enqueue(evs, {})
+        await self._claim_all(store)
+        request = str(uuid.uuid4())
+        order = [evs[2], evs[0], evs[1]]
+        finishes = [Finish(ev.id, attrs.evolve(_attempt(ev, 1, True), batch_size=3,
+                                               request_id=request, batch_index=i),
+                           Status.DELIVERED) for i, ev in enumerate(order)]
+        finishes.append(Finish(evs[3].id, _attempt(evs[3], 1, True), Status.DELIVERED))
+        await store.finish(finishes)
+        for i, ev in enumerate(order):
+            (attempt,) = await store.attempts(ev.id)
+            assert (attempt.request_id, attempt.batch_index, attempt.batch_size) == \
+                (request, i, 3)
+        (alone,) = await store.attempts(evs[3].id)
+        assert (alone.request_id, alone.batch_index, alone.batch_size) == (None, 0, 1)
+        members = await store.list_events(EventFilter(request_id=request))
+        assert [e.id for e in members] == [e.id for e in order]
+        assert [e.payload for e in members] == [e.payload for e in order]
+        assert await store.list_events(EventFilter(request_id=str(uuid.uuid4()))) == []
 
     async def test_redeliver_failed(self, store: Store) -> None:
         evs = [make_event(doc_id=str(i)) for i in range(3)]

@@ -320,6 +320,11 @@ class MemoryStore:
         self._wakers.append(wake)
 
     async def list_events(self, flt: EventFilter) -> list[Event]:
+        if flt.request_id is not None:
+            places = {eid: a.batch_index for eid, attempts in self.s.attempts.items()
+                      for a in attempts if a.request_id == flt.request_id}
+            members = [self.s.events[eid] for eid in places if eid in self.s.events]
+            return sorted(members, key=lambda e: places[e.id])[: flt.limit]
         evs = [e for e in self.s.events.values()
                if (flt.status is None or e.status is flt.status)
                and (flt.trigger is None or e.trigger == flt.trigger)

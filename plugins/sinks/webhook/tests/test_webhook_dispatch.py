@@ -15,7 +15,7 @@ import standardwebhooks
 import structlog
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
-from dbevents import Attempt, Event, Outcome, Status, Trigger
+from dbevents import Attempt, Event, EventFilter, Outcome, Status, Trigger, request_body
 from dbevents.testing import MemoryStore, make_event
 from dbevents_sink_webhook import WebhookOptions, WebhookSink
 
@@ -246,6 +246,20 @@ async def test_batch_mode_through_the_dispatcher(receiver: ThreadedReceiver,
         assert attempts[-1].ok
     sizes = {a.batch_size for ev in evs for a in await store.attempts(ev.id)}
     assert sizes <= {1, 2, 3, 4} and 4 in sizes  # the log says how many shared each POST
+    # The invocation log rebuilds each request's exact body from the event log:
+    # every attempt's body is one the receiver got, and every body received is
+    # some attempt's.
+    received = [req.body for req in requests]
+    rebuilt = set()
+    for ev in evs:
+        for a in await store.attempts(ev.id):
+            assert a.request_id is not None
+            members = await store.list_events(EventFilter(request_id=a.request_id))
+            assert [m.id for m in members][a.batch_index] == ev.id
+            body = request_body(ev, a, members)
+            assert body in received
+            rebuilt.add(body)
+    assert rebuilt == set(received)
 
 
 async def test_nothing_secret_reaches_the_logs_or_the_invocation_log(

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import pytest
 from dbevents.errors import ConfigError, SetupError
-from dbevents.protocols import StoreSettings
+from dbevents.protocols import EventFilter, StoreSettings
 from dbevents.testing import make_event
+from dbevents.values import Attempt, Finish, Status
 from dbevents_store_postgres import PostgresStore
 from dbevents_store_postgres.schema import MIGRATIONS, VERSION
 
@@ -123,3 +125,31 @@ def test_bad_url_parameters_are_config_errors(pg_url: str, query: str, message: 
     with pytest.raises(ConfigError, match=message) as info:
         PostgresStore(StoreSettings(url=pg_url + "&" + query))
     assert info.value.path == "eventing.store"
+
+
+async def test_a_version_1_schema_gains_request_ids_and_keeps_its_attempts(
+        open_pg: OpenPg, pg_exec: Exec, pg_schema: str) -> None:
+    class First(PostgresStore):  # the first release's schema
+        MIGRATIONS = MIGRATIONS[:1]
+
+    old = await open_pg(cls=First)
+    ev = make_event()
+    await old.enqueue([ev], {})
+    await old.close()
+    # The attempt, in version 1's columns.
+    pg_exec(f"UPDATE {pg_schema}.events SET status = 'delivered', attempts = 1, head = false")
+    pg_exec(f"INSERT INTO {pg_schema}.attempts (event_seq, number, started_at, duration_ms, ok, "
+            "status_code, request_headers, batch_size) "
+            f"SELECT seq, 1, created_at, 2.0, true, 200, '{{}}', 1 FROM {pg_schema}.events")
+    assert version_of(pg_exec, pg_schema) == 1
+
+    new = await open_pg()
+    assert version_of(pg_exec, pg_schema) == VERSION
+    (kept,) = await new.attempts(ev.id)
+    assert (kept.number, kept.status_code, kept.request_id, kept.batch_index) == (1, 200, None, 0)
+    later = make_event(doc_id="2")
+    await new.enqueue([later], {})
+    await new.claim({"t": 1}, 30.0, datetime.now(UTC))
+    await new.finish([Finish(later.id, Attempt(later.id, 1, datetime.now(UTC), 2.0, True, 200,
+                                               request_id="r-1"), Status.DELIVERED)])
+    assert [e.id for e in await new.list_events(EventFilter(request_id="r-1"))] == [later.id]

@@ -242,3 +242,53 @@ def test_purge(setup: tuple[Cli, str, Seeded]) -> None:
     assert "--older-than" in bad.stderr
     cli("events", "purge", code=2)  # --older-than is required
     assert set(_state(url)[0]) == {s.pending_a.id}
+
+
+async def _seed_batch(url: str) -> tuple[Event, Event, Event]:
+    """Two events sent together in one request, a third alone."""
+    first, second = (make_event(ORDERS, doc_id=f"b{i}", n=i) for i in range(2))
+    alone = make_event(ORDERS, doc_id="solo", n=9)
+    store = SqliteStore(StoreSettings(url=url))
+    await store.open()
+    try:
+        await store.enqueue([first, second, alone], {})
+        await store.claim({ORDERS: 10}, 30.0, datetime.now(UTC))
+        await store.finish([
+            Finish(second.id, attrs.evolve(_attempt(second, 1, True), batch_size=2,
+                                           request_id="req-1", batch_index=0),
+                   Status.DELIVERED),
+            Finish(first.id, attrs.evolve(_attempt(first, 1, True), batch_size=2,
+                                          request_id="req-1", batch_index=1),
+                   Status.DELIVERED),
+            Finish(alone.id, _attempt(alone, 1, True), Status.DELIVERED),
+        ])
+    finally:
+        await store.close()
+    return first, second, alone
+
+
+def test_show_body_prints_the_exact_request(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    config = tmp_path / "dbevents.toml"
+    config.write_text(f'[eventing]\nstore = "{url}"\n')
+    cli = Cli(config)
+    first, second, alone = asyncio.run(_seed_batch(url))
+
+    # A batch: the array of both payloads, in the order they were sent, whichever
+    # of its events is asked about.
+    sent = b"[" + second.payload + b"," + first.payload + b"]"
+    for ev in (first, second):
+        assert cli("events", "show", ev.id, "--body", "1").stdout.encode() == sent + b"\n"
+    shown = json.loads(cli("events", "show", first.id).stdout)
+    assert [(a["request_id"], a["batch_index"], a["batch_size"])
+            for a in shown["attempts_log"]] == [("req-1", 1, 2)]
+    # One event per request: its own payload.
+    assert cli("events", "show", alone.id, "--body", "1").stdout.encode() == alone.payload + b"\n"
+
+    missing = cli("events", "show", alone.id, "--body", "2", code=1)
+    assert f"event {alone.id} has no attempt 2" in missing.stderr
+    # Once part of the batch is purged the body cannot be rebuilt, and it says so.
+    with sqlite3.connect(tmp_path / "events.db") as raw:
+        raw.execute("DELETE FROM events WHERE id = ?", (second.id,))
+    gone = cli("events", "show", first.id, "--body", "1", code=1)
+    assert "batch of 2 events, of which only 1 are still in the event log" in gone.stderr

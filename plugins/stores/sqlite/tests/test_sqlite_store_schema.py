@@ -12,7 +12,7 @@ import pytest
 from dbevents.errors import SetupError
 from dbevents.protocols import EventFilter
 from dbevents.testing import make_event
-from dbevents.values import Position
+from dbevents.values import Attempt, Finish, Position, Status
 from dbevents_store_sqlite import SqliteStore, schema
 
 OpenStore = Callable[..., Awaitable[SqliteStore]]
@@ -82,7 +82,7 @@ async def test_a_failing_migration_leaves_the_file_as_it_was(
     monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, broken))
     with pytest.raises(SetupError, match="already exists"):
         await open_sqlite()
-    assert _header(db_path)[0] == 1
+    assert _header(db_path)[0] == len(schema.MIGRATIONS) - 1
     with sqlite3.connect(db_path) as raw:
         assert "note" not in {r[1] for r in raw.execute("PRAGMA table_info(events)")}
         assert raw.execute("SELECT count(*) FROM events").fetchone()[0] == 1
@@ -91,11 +91,13 @@ async def test_a_failing_migration_leaves_the_file_as_it_was(
 async def test_a_cli_command_does_not_migrate_under_a_running_worker(
         open_sqlite: OpenStore, db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     await open_sqlite()  # an older worker, still running
+    current = schema.latest()
     monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, ("SELECT 1",)))
     with pytest.raises(SetupError) as info:
         await open_sqlite(role="admin")
-    assert "schema version 1" in str(info.value) and "needs version 2" in str(info.value)
-    assert _header(db_path)[0] == 1
+    assert f"schema version {current}" in str(info.value)
+    assert f"needs version {current + 1}" in str(info.value)
+    assert _header(db_path)[0] == current
 
 
 async def test_a_newer_file_is_refused(open_sqlite: OpenStore, db_path: Path) -> None:
@@ -120,3 +122,32 @@ async def test_another_applications_database_is_refused(open_sqlite: OpenStore,
     with sqlite3.connect(db_path) as raw:
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert tables == {"customers"}
+
+
+async def test_a_version_1_file_gains_request_ids_and_keeps_its_attempts(
+        open_sqlite: OpenStore, db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file as the first release wrote it: one event, delivered, one attempt.
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+    old = await open_sqlite()
+    ev = make_event()
+    await old.enqueue([ev], {})
+    await old.close()
+    with sqlite3.connect(db_path) as raw:  # the attempt, in version 1's columns
+        raw.execute("UPDATE events SET status = 'delivered', attempts = 1, head = 0")
+        raw.execute("INSERT INTO attempts (event_seq, number, started_at, duration_ms, ok, "
+                    "status_code, request_headers, batch_size) "
+                    "SELECT seq, 1, created_at, 2.0, 1, 200, '{}', 1 FROM events")
+    assert _header(db_path)[0] == 1
+    monkeypatch.undo()
+    new = await open_sqlite()
+    assert _header(db_path)[0] == schema.latest()
+    (kept,) = await new.attempts(ev.id)
+    assert (kept.number, kept.status_code, kept.request_id, kept.batch_index) == (1, 200, None, 0)
+    # A batch attempt recorded after the upgrade carries its request.
+    later = make_event(doc_id="2")
+    await new.enqueue([later], {})
+    await new.claim({"t": 1}, 30.0, datetime.now(UTC))
+    await new.finish([Finish(later.id, Attempt(later.id, 1, datetime.now(UTC), 2.0, True, 200,
+                                               batch_size=1, request_id="r-1", batch_index=0),
+                             Status.DELIVERED)])
+    assert [e.id for e in await new.list_events(EventFilter(request_id="r-1"))] == [later.id]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -17,7 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 import aiohttp
 import attrs
 import structlog
-from dbevents import Event, Outcome, Trigger
+from dbevents import Event, Outcome, Trigger, batch_body
 from dbevents.masking import MASK, mask_headers, mask_url
 from yarl import URL
 
@@ -165,10 +166,14 @@ class WebhookSink:
         n = len(events)
         started_at = datetime.now(UTC)
         t0 = time.perf_counter()
+        # The invocation log keeps no copy of the body: a single event's is its
+        # payload, a batch's is rebuilt from the events sharing its request id.
         if plan.batch:
-            body = b"[" + b",".join([ev.payload for ev in events]) + b"]"
+            body = batch_body([ev.payload for ev in events])
+            request_id: str | None = str(uuid.uuid4())
         else:
             body = events[0].payload
+            request_id = None
         headers = plan.headers
         masked: Mapping[str, str] = plan.masked
         if plan.signer is not None:
@@ -203,7 +208,7 @@ class WebhookSink:
             out = Outcome(ok=False, started_at=started_at,
                           duration_ms=(time.perf_counter() - t0) * 1000.0,
                           status_code=status, error=error, request_headers=masked,
-                          batch_size=n)
+                          batch_size=n, request_id=request_id)
             return [out] * n
         ok = 200 <= status < 300
         if ok:
@@ -215,7 +220,8 @@ class WebhookSink:
         out = Outcome(ok=ok, started_at=started_at,
                       duration_ms=(time.perf_counter() - t0) * 1000.0,
                       status_code=status, response_body=text, error=error,
-                      retry_after=retry_after, request_headers=masked, batch_size=n)
+                      retry_after=retry_after, request_headers=masked, batch_size=n,
+                      request_id=request_id)
         return [out] * n
 
 

@@ -39,6 +39,15 @@ SELECT count(*) FROM gone
 
 
 async def list_events(conn: Conn, q: Statements, flt: EventFilter) -> list[Event]:
+    if flt.request_id is not None:
+        # The events one batch request carried, in their order in it.
+        rows = await (await conn.execute(render(
+            f"SELECT {EVENT_COLUMNS} FROM {{schema}}.events JOIN ("
+            "SELECT event_seq, min(batch_index) AS place FROM {schema}.attempts "
+            "WHERE request_id = %s GROUP BY event_seq) r ON r.event_seq = seq "
+            "ORDER BY place LIMIT %s", q.loc.schema),
+            (flt.request_id, max(0, flt.limit)))).fetchall()
+        return [event_from_row(r) for r in rows]
     where: list[sql.Composable] = []
     params: list[Any] = []
     for column, value in (("status", flt.status.value if flt.status else None),

@@ -153,10 +153,11 @@ WHERE id = ANY(%(id)b) ORDER BY seq FOR NO KEY UPDATE
 # The invocation log is append-only: COPY, the fastest way in.
 COPY_ATTEMPTS = """
 COPY {schema}.attempts (event_seq, number, started_at, duration_ms, ok, status_code, error,
-                        request_headers, batch_size, response_body) FROM STDIN (FORMAT BINARY)
+                        request_headers, batch_size, response_body, request_id, batch_index)
+FROM STDIN (FORMAT BINARY)
 """
 ATTEMPT_TYPES = ("int8", "int4", "timestamptz", "float8", "bool", "int4", "text", "jsonb",
-                 "int4", "text")
+                 "int4", "text", "text", "int4")
 
 UPDATE_FINISHED = f"""
 UPDATE {{schema}}.events e
@@ -295,7 +296,8 @@ async def finish(conn: Conn, q: Statements, results: Sequence[Finish], now: date
             a = f.attempt
             attempts.append((seq, a.number, a.started_at, float(a.duration_ms), a.ok,
                              a.status_code, clean_text(a.error), clean_headers(a.request_headers),
-                             a.batch_size, truncate_body(a.response_body)))
+                             a.batch_size, truncate_body(a.response_body),
+                             clean_text(a.request_id), a.batch_index))
             next_at = f.next_attempt_at
             if f.status is Status.PENDING and next_at is None:
                 next_at = now  # a retry without a time is due at once

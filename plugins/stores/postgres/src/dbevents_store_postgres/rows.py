@@ -18,7 +18,8 @@ EVENT_COLUMNS = ("seq, id, trigger_name, database_name, db_type, table_name, doc
                  "event_type, status, attempts, next_attempt_at, created_at, updated_at, "
                  "last_error, payload")
 ATTEMPT_COLUMNS = ("a.number, a.started_at, a.duration_ms, a.ok, a.status_code, "
-                   "a.response_body, a.error, a.request_headers, a.batch_size")
+                   "a.response_body, a.error, a.request_headers, a.batch_size, "
+                   "a.request_id, a.batch_index")
 
 ACTIVE = (Status.PENDING, Status.DELIVERING)
 FINISHED = (Status.DELIVERED, Status.FAILED)
@@ -43,11 +44,13 @@ def event_from_row(row: tuple[Any, ...]) -> Event:
 
 def attempt_from_row(event_id: str, row: tuple[Any, ...]) -> Attempt:
     (number, started_at, duration_ms, ok, status_code, body, error, headers,
-     batch_size) = row
+     batch_size, request_id, batch_index) = row
     return Attempt(event_id=event_id, number=number, started_at=started_at.astimezone(UTC),
                    duration_ms=duration_ms, ok=ok, status_code=status_code,
                    response_body=body, error=error, request_headers=dict(headers),
-                   batch_size=batch_size)
+                   batch_size=batch_size,
+                   request_id=request_id,
+                   batch_index=batch_index)
 
 
 def clean_headers(headers: Mapping[str, str]) -> dict[str, str | None]:

@@ -100,6 +100,12 @@ MIGRATIONS: tuple[Step, ...] = (
             PRIMARY KEY (event_seq, id)
         )""",
     ),
+    (  # 2: which batch request an attempt went out in, and where in it
+        "ALTER TABLE {schema}.attempts ADD COLUMN request_id text",
+        "ALTER TABLE {schema}.attempts ADD COLUMN batch_index integer NOT NULL DEFAULT 0",
+        """CREATE INDEX attempts_request ON {schema}.attempts (request_id)
+            WHERE request_id IS NOT NULL""",
+    ),
 )
 VERSION = len(MIGRATIONS)
 TABLES = ("attempts", "checkpoints", "events", "meta")

@@ -24,6 +24,14 @@ FINISHED = (Status.DELIVERED, Status.FAILED)
 
 
 def list_events(conn: sqlite3.Connection, flt: EventFilter) -> list[Event]:
+    if flt.request_id is not None:
+        # The events one batch request carried, in their order in it.
+        sql = (f"SELECT {EVENT_COLUMNS} FROM events JOIN ("
+               "SELECT event_seq, min(batch_index) AS place FROM attempts "
+               "INDEXED BY attempts_request WHERE request_id = ? GROUP BY event_seq"
+               ") ON event_seq = seq ORDER BY place LIMIT ?")
+        return [event_from_row(r)
+                for r in conn.execute(sql, (flt.request_id, max(0, flt.limit)))]
     where, params = [], []
     for column, value in (("status", flt.status.value if flt.status else None),
                           ("trigger_name", flt.trigger), ("database_name", flt.database)):

@@ -57,8 +57,8 @@ WHERE head = 1 AND trigger_name = ? AND due_at <= ? ORDER BY seq LIMIT ?
 _MARK_CLAIMED = "UPDATE events SET status = 'delivering', due_at = ?, updated_at = ? WHERE seq = ?"
 _INSERT_ATTEMPT = """
 INSERT INTO attempts (event_seq, number, started_at, duration_ms, ok, status_code, error,
-                      request_headers, batch_size, response_body)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                      request_headers, batch_size, response_body, request_id, batch_index)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 _FINISH = """
 UPDATE events SET status = ?, attempts = ?, next_attempt_at = ?, due_at = ?, updated_at = ?,

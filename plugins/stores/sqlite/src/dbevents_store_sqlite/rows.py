@@ -23,7 +23,8 @@ EVENT_COLUMNS = ("seq, id, trigger_name, database_name, db_type, table_name, doc
                  "event_type, status, attempts, next_attempt_at, created_at, updated_at, "
                  "last_error, payload")
 ATTEMPT_COLUMNS = ("a.number, a.started_at, a.duration_ms, a.ok, a.status_code, "
-                   "a.response_body, a.error, a.request_headers, a.batch_size")
+                   "a.response_body, a.error, a.request_headers, a.batch_size, "
+                   "a.request_id, a.batch_index")
 
 ACTIVE = (Status.PENDING, Status.DELIVERING)
 _STATUS = {s.value: s for s in Status}  # a dict lookup is cheaper than Status(value)
@@ -62,20 +63,20 @@ def event_from_row(row: tuple[Any, ...]) -> Event:
 
 def attempt_from_row(event_id: str, row: tuple[Any, ...]) -> Attempt:
     (number, started_at, duration_ms, ok, status_code, body, error, headers,
-     batch_size) = row
+     batch_size, request_id, batch_index) = row
     started = from_us(started_at)
     assert started is not None
     return Attempt(event_id=event_id, number=number, started_at=started,
                    duration_ms=duration_ms, ok=bool(ok), status_code=status_code,
                    response_body=body, error=error, request_headers=json.loads(headers),
-                   batch_size=batch_size)
+                   batch_size=batch_size, request_id=request_id, batch_index=batch_index)
 
 
 def attempt_row(seq: int, attempt: Attempt) -> tuple[Any, ...]:
     return (seq, attempt.number, to_us(attempt.started_at), float(attempt.duration_ms),
             int(attempt.ok), attempt.status_code, clean_text(attempt.error),
             headers_json(attempt.request_headers), attempt.batch_size,
-            truncate_body(attempt.response_body))
+            truncate_body(attempt.response_body), attempt.request_id, attempt.batch_index)
 
 
 def headers_json(headers: Mapping[str, str]) -> str:

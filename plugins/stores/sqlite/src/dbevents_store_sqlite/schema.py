@@ -88,6 +88,11 @@ MIGRATIONS: tuple[Step, ...] = (
         )""",
         "CREATE INDEX attempts_event ON attempts (event_seq)",
     ),
+    (  # 2: which batch request an attempt went out in, and where in it
+        "ALTER TABLE attempts ADD COLUMN request_id TEXT",
+        "ALTER TABLE attempts ADD COLUMN batch_index INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX attempts_request ON attempts (request_id) WHERE request_id IS NOT NULL",
+    ),
 )
 
 
