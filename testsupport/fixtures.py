@@ -12,9 +12,26 @@ import warnings
 from collections.abc import Iterator
 
 import pytest
+import structlog
 
 from testsupport.receiver import ThreadedReceiver
 from testsupport.servers import MariaDBServer, PostgresServer
+
+_configure = structlog.configure
+
+
+def _configure_uncached(*args: object, **kwargs: object) -> None:
+    # `dbevents` caches each logger on first use (cheaper in production); a
+    # command run in-process by one test would then freeze the loggers of the
+    # modules it touched, and a later test's structlog.testing.capture_logs
+    # would see nothing from them.
+    kwargs["cache_logger_on_first_use"] = False
+    _configure(*args, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def _loggers_stay_capturable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(structlog, "configure", _configure_uncached)
 
 
 def unique_name(prefix: str = "t") -> str:
