@@ -12,7 +12,10 @@ the same concurrency and connection pool settings:
   (a)  the raw ceiling: a bare aiohttp client POSTing N pre-built JSON payloads;
   (b)  the core Dispatcher + WebhookSink delivering N events from
        dbevents.testing.MemoryStore, one event per POST;
-  (c)  the same with batch_size = 100.
+  (c)  the same with batch_size = 100;
+  (s)  the sink alone: WebhookSink.deliver called in plain loops, one event per
+       call, no dispatcher or store (what the sink adds to (a); (b) adds the
+       dispatcher and the store on top).
 
 MemoryStore keeps the store contract (per-row order, leases, retries) with
 indexes, so a claim costs O(events claimed): what is measured is the dispatcher
@@ -155,6 +158,29 @@ async def run_raw(url: str, n: int, concurrency: int) -> float:
         return n / elapsed()
 
 
+async def run_sink(url: str, n: int, concurrency: int) -> float:
+    """(s): WebhookSink.deliver called by `concurrency` plain loops, one event per
+    call, no dispatcher or store: what the sink adds to (a)."""
+    events = [make_event(trigger="bench", doc_id=str(i), n=i) for i in range(n)]
+    trigger = Trigger(name="bench", url=url, concurrency=concurrency, timeout=5000)
+    sink = WebhookSink()
+    await sink.open()
+    it = iter(events)
+
+    async def worker() -> None:
+        for ev in it:
+            (outcome,) = await sink.deliver(trigger, [ev])
+            if not outcome.ok:
+                raise RuntimeError(f"receiver answered {outcome.error}")
+
+    try:
+        with _timed() as elapsed:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        await sink.close()
+    return n / elapsed()
+
+
 async def run_dispatcher(url: str, n: int, concurrency: int, batch_size: int) -> float:
     """(b)/(c): N events in a MemoryStore, delivered by the
     core Dispatcher through the WebhookSink; events/s from the dispatcher's start
@@ -210,9 +236,9 @@ def main() -> int:
                         help="POSTs in flight (the trigger's `concurrency`)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", default="a,b,c",
+    parser.add_argument("--only", default="a,s,b,c",
                         help="comma-separated runs to measure")
-    parser.add_argument("--profile", choices=["a", "b", "c"],
+    parser.add_argument("--profile", choices=["a", "s", "b", "c"],
                         help="profile one run instead of measuring")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--profile-out", help="also save the profile (pstats) to this file")
@@ -230,6 +256,8 @@ def main() -> int:
         runs: dict[str, tuple[str, Callable[[], Coroutine[Any, Any, float]]]] = {
             "a": (f"raw aiohttp client, 1 event/POST, N={n:,}",
                   lambda: run_raw(url, n, conc)),
+            "s": (f"sink alone (no dispatcher), 1 event/POST, N={n:,}",
+                  lambda: run_sink(url, n, conc)),
             "b": (f"dispatcher + sink, MemoryStore, 1 event/POST, N={n:,}",
                   lambda: run_dispatcher(url, n, conc, 1)),
             "c": (f"dispatcher + sink, MemoryStore, {size} events/POST, N={nb:,}",
@@ -261,6 +289,8 @@ def main() -> int:
             cost = statistics.median(cpu / r * 1e6 for r, cpu in seen[key])
             print(f"({key}){' ' if len(key) == 1 else ''} {runs[key][0]:<58} "
                   f"{rates[key]:>9,.0f} {median:>9,.0f}  {cost:>8,.1f}")
+    if "s" in rates and "a" in rates:
+        print(f"(s)/(a) = {rates['s'] / rates['a']:.3f}  (the sink alone, for reference)")
     for key in ("b",):
         if key in rates and "a" in rates:
             ratio = rates[key] / rates["a"]
