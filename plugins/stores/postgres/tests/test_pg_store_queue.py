@@ -123,6 +123,36 @@ async def test_a_late_finish_after_a_takeover(open_pg: OpenPg,
     assert [e.id for e in await fast.claim({"t": 10}, 30.0, later)] == [a2.id]
 
 
+async def test_a_late_verdict_does_not_change_the_new_holders_event(
+        open_pg: OpenPg, check_heads: Callable[[], None]) -> None:
+    slow, fast = await open_pg(), await open_pg()
+    a1, a2 = make_event(doc_id="a"), make_event(doc_id="a")
+    await slow.enqueue([a1, a2], {})
+    [mine] = await slow.claim({"t": 10}, 1.0, now())
+    later = now() + timedelta(seconds=2)
+    [theirs] = await fast.claim({"t": 10}, 30.0, later)  # the lease ran out: taken over
+    # The first worker's attempt fails after the takeover: it is logged, but the
+    # event stays the new holder's, in flight, not pending behind a backoff.
+    await slow.finish([Finish(a1.id, attempt(a1, 1, ok=False, error="HTTP 500"),
+                              Status.PENDING, now() + timedelta(hours=1))])
+    got = await fast.get_event(a1.id)
+    assert got is not None and got.status is Status.DELIVERING and got.last_error is None
+    assert [a.error for a in await fast.attempts(a1.id)] == ["HTTP 500"]
+    # The holder's verdict applies; a2 moves up behind it.
+    await fast.finish([delivered(theirs)])
+    got = await fast.get_event(a1.id)
+    assert got is not None and got.status is Status.DELIVERED and got.attempts == 1
+    check_heads()
+    assert [e.id for e in await fast.claim({"t": 10}, 30.0, later)] == [a2.id]
+    # A verdict for an event no longer in flight (delivered) is logged only.
+    await slow.finish([Finish(a1.id, attempt(a1, 2, ok=False, error="timeout"),
+                              Status.FAILED)])
+    got = await fast.get_event(a1.id)
+    assert got is not None and got.status is Status.DELIVERED
+    assert len(await fast.attempts(a1.id)) == 3
+    assert mine.id == a1.id
+
+
 async def test_finish_of_a_purged_event_is_skipped(open_pg: OpenPg) -> None:
     store = await open_pg()
     ev, gone = make_event(doc_id="1"), make_event(doc_id="2")

@@ -146,7 +146,7 @@ RETURNING {_E_COLUMNS}
 """
 
 LOCK_FOR_FINISH = """
-SELECT seq, id, trigger_name, row_key, status FROM {schema}.events
+SELECT seq, id, trigger_name, row_key, status, worker FROM {schema}.events
 WHERE id = ANY(%(id)b) ORDER BY seq FOR NO KEY UPDATE
 """
 
@@ -276,7 +276,12 @@ async def claim(conn: Conn, q: Statements, limits: Mapping[str, int], lease_seco
     return [event_from_row(r) for r in rows]
 
 
-async def finish(conn: Conn, q: Statements, results: Sequence[Finish], now: datetime) -> None:
+async def finish(conn: Conn, q: Statements, results: Sequence[Finish], now: datetime,
+                 worker: str) -> None:
+    """Record every attempt; apply a verdict only to an event this worker still
+    holds. An attempt that outlived its lease is real and is logged, but the
+    event is another worker's by then (or finished, or redelivered by an
+    operator): its verdict must not change the status under the new holder."""
     ids = list(dict.fromkeys(f.event_id for f in results))
     async with conn.transaction():
         async with conn.pipeline():
@@ -284,8 +289,10 @@ async def finish(conn: Conn, q: Statements, results: Sequence[Finish], now: date
             cur = await conn.execute(q.lock_for_finish, {"id": ids})
         # id -> [seq, trigger, row_key, status], kept current through the batch
         # (one event may be finished twice in a batch: the last verdict wins).
-        state = {r[1]: [r[0], r[2], r[3], Status(r[4])] for r in await cur.fetchall()}
+        rows = await cur.fetchall()
+        state = {r[1]: [r[0], r[2], r[3], Status(r[4])] for r in rows}
         before = {eid: s[3] for eid, s in state.items()}
+        held = {r[1] for r in rows if r[4] == Status.DELIVERING.value and r[5] == worker}
         attempts: list[tuple[Any, ...]] = []
         final: dict[int, tuple[Any, ...]] = {}
         for f in results:
@@ -298,6 +305,8 @@ async def finish(conn: Conn, q: Statements, results: Sequence[Finish], now: date
                              a.status_code, clean_text(a.error), clean_headers(a.request_headers),
                              a.batch_size, truncate_body(a.response_body),
                              clean_text(a.request_id), a.batch_index))
+            if f.event_id not in held:
+                continue  # logged above; the status is not ours to change
             next_at = f.next_attempt_at
             if f.status is Status.PENDING and next_at is None:
                 next_at = now  # a retry without a time is due at once

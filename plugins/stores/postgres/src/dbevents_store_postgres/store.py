@@ -209,7 +209,7 @@ class PostgresStore:
 
     async def finish(self, results: Sequence[Finish]) -> None:
         if results:
-            await self._run(eventqueue.finish, results, _now())
+            await self._run(eventqueue.finish, results, _now(), self.worker_id)
 
     async def release(self, event_ids: Sequence[str]) -> None:
         """This store's own claims only: a claim another worker took over after
