@@ -184,3 +184,55 @@ def test_check_rejects_a_trigger_source_other_than_database(tmp_path: Path) -> N
     assert r.exit_code == 2
     assert "triggers[0].source" in r.output and "unknown event source 'queue'" in r.output
     assert "ok" not in r.output.splitlines()
+
+
+class NoTruncateSource:
+    db_type = "doc-fake"
+    operations = frozenset({Operation.INSERT, Operation.UPDATE, Operation.DELETE})
+
+
+def _two_kinds() -> cfg.Plugins:
+    plug = module_from(
+        "two",
+        register_sinks=lambda register: register("webhook", FakeSink),
+        register_sources=lambda register: (register("postgres", FakeSource),
+                                           register("docs", NoTruncateSource)),
+    )
+    return isolated_plugins(("two", plug))
+
+
+TWO_DATABASES = {"databases": {"sql": {"type": "postgres", "url": "x"},
+                               "doc": {"type": "docs", "url": "y"}}}
+
+
+def test_truncate_is_refused_where_no_database_can_emit_it() -> None:
+    plugins = _two_kinds()
+
+    def parse(trigger: dict[str, object]) -> cfg.Config:
+        return cfg.parse({**TWO_DATABASES, "triggers": [{"name": "t", "url": "http://x",
+                                                         **trigger}]}, plugins)
+
+    # Named explicitly: the database that cannot is named, with its type.
+    with pytest.raises(ConfigError) as info:
+        parse({"databases": ["doc"], "operations": ["insert", "truncate"]})
+    assert info.value.path == "triggers[0].operations"
+    assert "'doc' (type 'docs') never emits truncate events" in str(info.value)
+    with pytest.raises(ConfigError, match="'doc'"):
+        parse({"databases": ["sql", "doc"], "operations": "truncate"})
+    # Every database: fine while one of them can, and then it fires there only.
+    [trigger] = parse({"operations": ["truncate"]}).triggers
+    assert trigger.operations == frozenset({Operation.TRUNCATE})
+    assert [t.operations for t in parse({"databases": "sql", "operations": "truncate"}
+                                        ).triggers] == [frozenset({Operation.TRUNCATE})]
+    # The other operations are emitted by both.
+    parse({"databases": ["doc"], "operations": ["insert", "update", "delete"]})
+
+
+def test_truncate_is_refused_when_no_database_of_any_kind_can() -> None:
+    plugins = _two_kinds()
+    raw = {"databases": {"doc": {"type": "docs", "url": "y"}},
+           "triggers": [{"name": "t", "url": "http://x", "operations": ["truncate"]}]}
+    with pytest.raises(ConfigError) as info:
+        cfg.parse(raw, plugins)
+    assert info.value.path == "triggers[0].operations"
+    assert "none of the databases (types docs) emits truncate events" in str(info.value)

@@ -324,6 +324,37 @@ def _str_or_list(value: Any, path: str) -> list[str]:
     return value
 
 
+def _emits(db: DatabaseConfig, plugins: Plugins) -> frozenset[Operation]:
+    """The operations the source of ``db`` can emit (all, unless it says)."""
+    try:
+        source = plugins.get("source", db.type)
+    except KeyError:
+        return frozenset(Operation)
+    return frozenset(getattr(source, "operations", frozenset(Operation)))
+
+
+def _check_operations(operations: frozenset[Operation], dbs: frozenset[str] | None,
+                      databases: Mapping[str, DatabaseConfig], plugins: Plugins,
+                      path: str) -> None:
+    """An operation none of the trigger's databases can emit would never fire."""
+    watched = [databases[d] for d in sorted(dbs)] if dbs is not None else \
+        list(databases.values())
+    if not watched:
+        return
+    for op in sorted(operations, key=lambda o: o.value):
+        unable = [db for db in watched if op not in _emits(db, plugins)]
+        if dbs is not None and unable:
+            db = unable[0]
+            raise ConfigError(
+                f"{op.value!r}: the database {db.name!r} (type {db.type!r}) never emits "
+                f"{op.value} events; remove it from operations or from databases", path=path)
+        if dbs is None and len(unable) == len(watched):
+            raise ConfigError(
+                f"{op.value!r}: none of the databases (types "
+                f"{', '.join(sorted({db.type for db in watched}))}) emits {op.value} events",
+                path=path)
+
+
 def _triggers(raw: Any, databases: Mapping[str, DatabaseConfig],
               plugins: Plugins) -> tuple[Trigger, ...]:
     if not isinstance(raw, list):
@@ -398,6 +429,7 @@ def _triggers(raw: Any, databases: Mapping[str, DatabaseConfig],
             if not ops:
                 raise ConfigError("must name at least one operation", path=f"{p}.operations")
             operations = frozenset(ops)
+            _check_operations(operations, dbs, databases, plugins, f"{p}.operations")
         if "url" not in table:
             raise ConfigError("required key 'url' is missing", path=f"{p}.url")
         url = coerce(str, table["url"], f"{p}.url")

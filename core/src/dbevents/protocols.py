@@ -45,6 +45,9 @@ class Source(Protocol):
     """Reads changes from one database, in commit order."""
 
     db_type: ClassVar[str]  # the `data.db` value, e.g. "sql-postgres"
+    # Optional: the operations this source can emit (read with getattr; a source
+    # without it is taken to emit all of them). A trigger asking a source for one
+    # it cannot emit is a config error rather than a trigger that never fires.
 
     def __init__(self, settings: SourceSettings) -> None: ...
 

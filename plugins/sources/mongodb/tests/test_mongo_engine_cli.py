@@ -125,6 +125,17 @@ def test_bad_options_are_config_errors(key: str, value: Any, words: str) -> None
     assert "databases.shop" in str(err.value)
 
 
+def test_a_truncate_trigger_is_refused() -> None:
+    # MongoDB has no TRUNCATE and a dropped collection emits nothing per document:
+    # a trigger waiting for truncate events here would never fire.
+    raw = _raw("mongodb://localhost/app")
+    raw["triggers"][0]["operations"] = ["delete", "truncate"]
+    with pytest.raises(ConfigError) as err:
+        parse(raw, _plugins())
+    assert err.value.path == "triggers[0].operations"
+    assert "(types mongodb) emits truncate events" in str(err.value)
+
+
 def _invoke(tmp_path: Path, url: str, *args: str, stdin: str | None = None) -> Result:
     path = tmp_path / "dbevents.toml"
     path.write_text(f'''

@@ -23,6 +23,7 @@ from bson.timestamp import Timestamp
 from dbevents import (
     Change,
     ChangeBatch,
+    Operation,
     Position,
     SetupError,
     SourceSettings,
@@ -77,6 +78,9 @@ class MongoSource:
     """Reads one MongoDB database's change stream (see the package README)."""
 
     db_type: ClassVar[str] = DB_TYPE
+    # A dropped collection emits nothing per document, and MongoDB has no TRUNCATE.
+    operations: ClassVar[frozenset[Operation]] = frozenset(
+        {Operation.INSERT, Operation.UPDATE, Operation.DELETE})
     Options = MongoOptions
 
     def __init__(self, settings: SourceSettings) -> None:
