@@ -23,6 +23,7 @@ from dbevents_store_sqlite.rows import (
     EVENT_COLUMNS,
     attempt_row,
     clean_text,
+    encoded,
     event_from_row,
     now_us,
     to_us,
@@ -136,12 +137,13 @@ def finish(conn: sqlite3.Connection, results: Sequence[Finish]) -> None:
         updates: list[tuple[Any, ...]] = []
         left: dict[Row, None] = {}  # rows an event left: the next one may head them
         came_back: dict[Row, int | None] = {}  # rows an event re-entered: their old head
+        done = encoded()  # once per request, not per event: see attempt_row
         for f in results:
             ev = state.get(f.event_id)
             if ev is None:
                 continue  # purged meanwhile: nothing to record against
             seq, trigger, doc_id, status, head = ev
-            attempts.append(attempt_row(seq, f.attempt))
+            attempts.append(attempt_row(seq, f.attempt, done))
             was_active, active = status in _ACTIVE_VALUES, f.status in ACTIVE
             nxt = to_us(f.next_attempt_at) if f.next_attempt_at else None
             if active:

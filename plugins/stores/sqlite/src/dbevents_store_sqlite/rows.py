@@ -72,11 +72,35 @@ def attempt_from_row(event_id: str, row: tuple[Any, ...]) -> Attempt:
                    batch_size=batch_size, request_id=request_id, batch_index=batch_index)
 
 
-def attempt_row(seq: int, attempt: Attempt) -> tuple[Any, ...]:
+Encoded = tuple[dict[int, str], dict[int, str | None], dict[int, str | None]]
+
+
+def encoded() -> Encoded:
+    """What attempt_row already encoded, by object: headers, bodies, errors."""
+    return {}, {}, {}
+
+
+def attempt_row(seq: int, attempt: Attempt, done: Encoded | None = None) -> tuple[Any, ...]:
+    """The attempts table's row. ``done`` (one per transaction) keeps what was
+    already encoded: the events of one request share its Outcome's headers,
+    response body and error objects, so a batch of 100 encodes them once (each
+    object stays alive, and so keeps its id, while the caller holds the results)."""
+    headers_done, bodies_done, errors_done = done if done is not None else encoded()
+    headers, body, error = attempt.request_headers, attempt.response_body, attempt.error
+    headers_text = headers_done.get(id(headers))
+    if headers_text is None:
+        headers_text = headers_done[id(headers)] = headers_json(headers)
+    if body is not None:
+        if id(body) not in bodies_done:
+            bodies_done[id(body)] = truncate_body(body)
+        body = bodies_done[id(body)]
+    if error is not None:
+        if id(error) not in errors_done:
+            errors_done[id(error)] = clean_text(error)
+        error = errors_done[id(error)]
     return (seq, attempt.number, to_us(attempt.started_at), float(attempt.duration_ms),
-            int(attempt.ok), attempt.status_code, clean_text(attempt.error),
-            headers_json(attempt.request_headers), attempt.batch_size,
-            truncate_body(attempt.response_body), attempt.request_id, attempt.batch_index)
+            int(attempt.ok), attempt.status_code, error, headers_text, attempt.batch_size,
+            body, attempt.request_id, attempt.batch_index)
 
 
 def headers_json(headers: Mapping[str, str]) -> str:
