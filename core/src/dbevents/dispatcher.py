@@ -171,6 +171,11 @@ class Dispatcher:
                     # out again (expired leases) events whose outcome we hold.
                     limits = {}
                     timeout = 1.0
+                elif len(self._done) >= self.finish_batch:
+                    # The store records results slower than they come: no more
+                    # work until it catches up (the finisher wakes us), so the
+                    # results held in memory stay bounded.
+                    limits = {}
                 if limits:
                     try:
                         events = await self.store.claim(limits, self.lease_seconds, _now())
@@ -256,6 +261,13 @@ class Dispatcher:
         name = trigger.name
         self._done.extend([(f, name, started) for f in finishes])
         self._done_ready.set()
+        # The trigger has room again as soon as the attempt is over, not only once
+        # its result is recorded: the store keeps the row's next event back until
+        # then anyway (per-row order), and an event whose result is still held is
+        # never sent twice (_inflight_ids).
+        inflight = self._inflight[name] = self._inflight[name] - len(events)
+        if self._capacity[name] - inflight >= self._refill[name]:
+            self.wake()
         # One line per POST: the unit of work a user follows.
         first, out = finishes[0], outcomes[0]
         line = log.warning if first.status is Status.FAILED else log.info
@@ -300,13 +312,16 @@ class Dispatcher:
                             error=str(exc), held=len(batch))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
-        for f, name, _ in batch:
-            self._inflight[name] -= 1
+        for f, _, _ in batch:
             self._inflight_ids.discard(f.event_id)
             if f.status is Status.DELIVERED:
                 self.delivered += 1
             elif f.status is Status.FAILED:
                 self.failed += 1
+            else:
+                # A retry is now due at its own time: the next pass asks the
+                # store when, instead of waiting out RECHECK.
+                self._due_asked = 0.0
         self.wake()
 
     async def _drain(self, grace: float | None = None) -> None:
