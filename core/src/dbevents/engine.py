@@ -93,6 +93,7 @@ class Engine:
                 opened.append(source)
                 log.info("source ready", database=name, type=self.config.databases[name].type,
                          url=mask_dsn(self.config.databases[name].url))
+                await self._anchor(name, source)
             for sink in self.sinks.values():
                 await sink.open()
                 opened.append(sink)
@@ -125,6 +126,21 @@ class Engine:
                 await self.store.close()
             log.info("stopped", captured=self.captured, delivered=self.dispatcher.delivered,
                      failed=self.dispatcher.failed)
+
+    async def _anchor(self, name: str, source: Source) -> None:
+        """A database seen for the first time, whose source starts at "now": that
+        position is stored before dbevents says it is running. Otherwise a change
+        made after that line but before capture began, or before a crash that came
+        first, would lie before a "now" taken later, and be skipped."""
+        initial = getattr(source, "initial_position", None)
+        if initial is None:
+            return
+        if await self._retry_store(lambda: self.store.checkpoint(name)) is not None:
+            return
+        position = await initial()
+        if position is not None:
+            await self._retry_store(lambda: self.store.enqueue([], {name: position}))
+            log.info("start position stored", database=name, position=str(position))
 
     # -- capture -------------------------------------------------------------
     async def _capture(self, name: str, source: Source) -> None:

@@ -72,6 +72,12 @@ class Source(Protocol):
         """Optional facts for `dbevents status`, e.g. {"lag_bytes": 123}."""
         ...
 
+    # Optional (read with getattr): ``async def initial_position() -> Position |
+    # None``, for a source whose start without a checkpoint depends on when it is
+    # asked ("the end of the binlog now"). The engine stores it as the first
+    # checkpoint before it reports running, so no change made from then on can
+    # fall before a later "now". None: the start does not depend on the time.
+
 
 @attrs.frozen
 class StoreSettings:

@@ -349,6 +349,13 @@ class MongoSource:
         else:
             log.info("change event ignored", **fields)
 
+    async def initial_position(self) -> Position | None:
+        """With ``start_at = "now"``: the resume token of now, for the engine to
+        store before it reports running (a start time does not move)."""
+        if self.options.start_time is not None:
+            return None
+        return await self.current_position()
+
     async def current_position(self) -> Position:
         """The position of "now": the resume token a stream opened now starts from."""
         async with await self._watch(None, None) as stream:

@@ -101,6 +101,21 @@ class MysqlSource:
             reader.stop()
             await asyncio.to_thread(reader.join, STOP_WAIT)
 
+    async def initial_position(self) -> Position | None:
+        """With ``start = "end"``: the end of the binlog now, for the engine to
+        store before it reports running (other starts do not move with time)."""
+        if self.options.start != "end":
+            return None
+
+        def read() -> Position:
+            conn = self._connect()
+            try:
+                return checks.current_position(conn).to_position()
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(read)
+
     def _resume_point(self, since: Position | None) -> tuple[BinlogPosition, Any]:
         """Where to start, checked against the server's binlog files; and the
         connection used, which the reader goes on to use for the dump."""
