@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +122,18 @@ def cloudevent(request: Any) -> Any:
     """Parse a received request with the CloudEvents SDK (validates it)."""
     headers = {k.lower(): v for k, v in request.headers.items()}
     return from_http(HTTPMessage(headers=headers, body=request.body), JSONFormat(), CloudEvent)
+
+
+ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def assert_envelopes(bodies: list[dict[str, Any]]) -> str:
+    """The exact seed envelope on every body: these keys only, specversion 1.0, one
+    UUID `source` for all, times in ms UTC, UUID ids. Returns the source."""
+    source = bodies[0]["source"]
+    uuid.UUID(source)
+    for b in bodies:
+        assert set(b) == {"specversion", "id", "type", "source", "time", "data"}
+        assert b["specversion"] == "1.0" and b["source"] == source
+        assert ISO_MS.match(b["time"]) and uuid.UUID(b["id"])
+    return str(source)
