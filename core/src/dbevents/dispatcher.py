@@ -106,7 +106,7 @@ class Dispatcher:
         self._workers: dict[str, int] = {t: 0 for t in self.triggers}
         self._tasks: set[asyncio.Task[None]] = set()
         self._task_events: dict[asyncio.Task[None], list[Event]] = {}  # being sent
-        self._done: list[tuple[Finish, str, float]] = []  # (finish, trigger, started)
+        self._done: list[Finish] = []  # verdicts not yet recorded in the store
         self._done_ready = asyncio.Event()
         self._stopping = False
         # Claimed events may wait in the queue for one round of attempts before
@@ -246,7 +246,6 @@ class Dispatcher:
             self._workers[name] -= 1
 
     async def _deliver(self, trigger: Trigger, sink: Sink, events: list[Event]) -> None:
-        started = time.monotonic()
         try:
             outcomes = await sink.deliver(trigger, events)
             if len(outcomes) != len(events):
@@ -259,7 +258,7 @@ class Dispatcher:
         now = _now()
         finishes = verdicts(trigger, events, outcomes, now)
         name = trigger.name
-        self._done.extend([(f, name, started) for f in finishes])
+        self._done.extend(finishes)
         self._done_ready.set()
         # The trigger has room again as soon as the attempt is over, not only once
         # its result is recorded: the store keeps the row's next event back until
@@ -295,11 +294,11 @@ class Dispatcher:
             if self._stopping and not self._tasks and not self._done:
                 return
 
-    async def _finish(self, batch: list[tuple[Finish, str, float]]) -> None:
+    async def _finish(self, batch: list[Finish]) -> None:
         delay = 0.5
         while True:
             try:
-                await self.store.finish([f for f, _, _ in batch])
+                await self.store.finish(batch)
                 self._holding = False
                 break
             except Exception as exc:  # hold the results until the store is back
@@ -312,7 +311,7 @@ class Dispatcher:
                             error=str(exc), held=len(batch))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
-        for f, _, _ in batch:
+        for f in batch:
             self._inflight_ids.discard(f.event_id)
             if f.status is Status.DELIVERED:
                 self.delivered += 1
