@@ -11,7 +11,7 @@ import tomllib
 import pytest
 from dbevents import config as cfg
 from dbevents.engine import Engine
-from dbevents.plugins import module_from
+from dbevents.plugins import Plugins, module_from
 from dbevents.protocols import StoreSettings
 from dbevents.testing import DELIVERIES, MemoryStore, database, isolated_plugins, reset
 from dbevents.testing.memory import MemorySource
@@ -49,7 +49,7 @@ def _clean() -> None:
     NowSource.asked = 0
 
 
-def _config() -> tuple[cfg.Config, object]:
+def _config() -> tuple[cfg.Config, Plugins]:
     plug = module_from("now", register_sources=lambda register: register("memory-now",
                                                                           NowSource))
     plugins = isolated_plugins(("now", plug))
@@ -66,7 +66,7 @@ async def test_the_start_is_stored_before_running_and_kept_across_a_crash() -> N
     for n in range(3):  # history from before dbevents was set up: not captured
         db.commit(("users", "insert", str(n), {"id": n}))
 
-    engine = Engine(config, plugins)  # type: ignore[arg-type]
+    engine = Engine(config, plugins)
     with capture_logs() as logs:
         task = asyncio.create_task(engine.run())
         async with asyncio.timeout(10):
@@ -83,7 +83,7 @@ async def test_the_start_is_stored_before_running_and_kept_across_a_crash() -> N
     # stored start, not at a new "now" that would skip them.
     for n in range(3, 5):
         db.commit(("users", "insert", str(n), {"id": n}))
-    engine = Engine(config, plugins)  # type: ignore[arg-type]
+    engine = Engine(config, plugins)
     task = asyncio.create_task(engine.run())
     try:
         async with asyncio.timeout(10):
