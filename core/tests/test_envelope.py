@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 from dbevents.envelope import build_event, dumps, event_id, iso_time
-from dbevents.values import Change, Operation, Trigger
+from dbevents.values import Change, Operation, RawJSON, Trigger
 
 T = Trigger(name="t", url="http://x")
 
@@ -59,3 +59,24 @@ def test_an_unencodable_row_is_sent_without_doc_instead_of_stopping_capture() ->
     data = json.loads(ev.payload)["data"]
     assert data["doc"] is None and "no text form" in data["error"]
     assert data["docId"] == "1" and ev.type == "DB_INSERT"
+
+
+def test_raw_json_is_embedded_as_written() -> None:
+    doc = {"j": RawJSON('{"amount": 12345678901234567.89, "n": 1e400, "z": -0}'),
+           "list": [RawJSON("0.30000000000000001"), RawJSON("[]")], "s": "x"}
+    assert dumps(doc) == (b'{"j":{"amount": 12345678901234567.89, "n": 1e400, "z": -0},'
+                          b'"list":[0.30000000000000001,[]],"s":"x"}')
+    assert RawJSON("1.10").value == Decimal("1.10") and str(RawJSON("[1]")) == "[1]"
+
+
+def test_a_string_shaped_like_the_placeholder_stays_a_string() -> None:
+    lookalike = "\x00" + "0" * 32 + "0\x00"
+    assert json.loads(dumps({"s": lookalike, "j": RawJSON("1")})) == {"s": lookalike, "j": 1}
+
+
+def test_raw_json_beside_a_lone_surrogate_is_escaped_to_ascii() -> None:
+    # A lone surrogate forces the ASCII path: the raw text's own non-ASCII is escaped.
+    out = dumps({"bad": "\ud800", "j": RawJSON('{"s": "é😀", "n": 1.50}')})
+    assert out.isascii()
+    assert out == (b'{"bad":"\\ud800","j":{"s": "\\u00e9\\ud83d\\ude00", "n": 1.50}}')
+    assert json.loads(out)["j"] == {"s": "é😀", "n": 1.5}

@@ -33,6 +33,7 @@ from dbevents.values import (
     Operation,
     Outcome,
     Position,
+    RawJSON,
     Status,
     Trigger,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "Outcome",
     "PluginError",
     "Position",
+    "RawJSON",
     "SetupError",
     "Sink",
     "Source",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
+import threading
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time, timedelta
@@ -13,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from dbevents.values import Attempt, Change, Event, Trigger
+from dbevents.values import Attempt, Change, Event, RawJSON, Trigger
 
 log = structlog.get_logger("dbevents.envelope")
 
@@ -33,9 +35,21 @@ def iso_time(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
 
 
+# A RawJSON value is written as a placeholder string the encoder cannot produce
+# from real data (it carries a per-process nonce), then replaced by the raw text:
+# the stdlib encoder has no way to emit text as it is.
+_NONCE = uuid.uuid4().hex
+_raw = threading.local()
+_PLACEHOLDER = re.compile(r'"\\u0000' + _NONCE + r'(\d+)\\u0000"')
+
+
 def _default(value: Any) -> Any:
     # Sources should hand over JSON-ready values; this is a safety net for the
     # common Python types so one odd value never stops the pipeline.
+    if isinstance(value, RawJSON):
+        found: list[str] = _raw.found
+        found.append(value.text)
+        return f"\x00{_NONCE}{len(found) - 1}\x00"
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, datetime | date | time):
@@ -61,10 +75,30 @@ def dumps(obj: Any) -> bytes:
     """Valid JSON whatever the database handed over: strings that are not valid
     UTF-8 (lone surrogates from a json column's escapes) are written as JSON
     \\u escapes, and NaN/Infinity (not JSON) as the strings "NaN", "Infinity"."""
+    _raw.found = found = []
     try:
-        return _encoder.encode(obj).encode("utf-8")
+        text = _encoder.encode(obj)
+        if found:
+            text = _PLACEHOLDER.sub(lambda m: found[int(m.group(1))], text)
+        return text.encode("utf-8")
     except (UnicodeEncodeError, ValueError):
-        return _ascii_encoder.encode(_finite(obj)).encode("ascii")
+        found.clear()
+        text = _ascii_encoder.encode(_finite(obj))
+        if found:
+            text = _PLACEHOLDER.sub(lambda m: _ascii(found[int(m.group(1))]), text)
+        return text.encode("ascii")
+
+
+def _ascii(raw: str) -> str:
+    """JSON text with every non-ASCII character as a \\u escape (valid anywhere a
+    JSON text may hold one: inside strings)."""
+    def esc(m: re.Match[str]) -> str:
+        code = ord(m.group(0))
+        if code < 0x10000:
+            return f"\\u{code:04x}"
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return re.sub(r"[^\x00-\x7f]", esc, raw)
 
 
 def _finite(value: Any) -> Any:

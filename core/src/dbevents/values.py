@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
@@ -42,6 +44,37 @@ class Position:
 
     def __str__(self) -> str:
         return self.value
+
+
+class RawJSON:
+    """A JSON value exactly as the database wrote it (a json/jsonb column).
+
+    Payloads embed ``text`` as it is, so numbers keep every digit and their
+    spelling (12345678901234567.89, 1e400, -0): no float round trip, nothing
+    turned into a string. ``value`` parses it for code that needs to look inside
+    (numbers as ``Decimal``).
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    @property
+    def value(self) -> Any:
+        return json.loads(self.text, parse_float=Decimal, parse_constant=Decimal)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RawJSON) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"RawJSON({self.text!r})"
 
 
 @attrs.frozen

@@ -11,9 +11,9 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from dbevents import Operation, SetupError
+from dbevents import Operation, RawJSON, SetupError
 from dbevents.envelope import dumps
-from dbevents_source_mysql.convert import float32, reader_for
+from dbevents_source_mysql.convert import float32, jsonable, reader_for
 from pymysqlreplication.column import Column
 from pymysqlreplication.constants import FIELD_TYPE
 
@@ -72,7 +72,8 @@ EXPECTED_MAXED: dict[str, Any] = {
     # Written at time_zone '+02:00': TIMESTAMP arrives in UTC.
     "ts": "2024-06-01T10:00:00.000001Z", "ts0": "2038-01-19T03:14:07Z",
     "tm": "838:59:59", "tm2": "-12:34:56.78", "tm6": "-00:00:00.000001", "y": 2155,
-    "j": {"k": [1, 2.5, "x", None, True], "n": {"s": "😀"}}, "e": "medium", "st": ["a", "c"],
+    "j": RawJSON('{"k": [1, 2.5, "x", null, true], "n": {"s": "😀"}}'), "e": "medium",
+    "st": ["a", "c"],
     "b1": 1, "b10": 513, "b64": 18446744073709551615,
     "bl": base64.b64encode(b"\x00\xff\x10").decode(),
     "bn": base64.b64encode(b"\x01\x02\x00\x00").decode(),  # BINARY(4) keeps its padding
@@ -85,7 +86,8 @@ EXPECTED_MINIMAL: dict[str, Any] = {
     "c": "", "vc": "", "tx": "", "ltx": "", "dt": "1000-01-01", "dtm": "1000-01-01T00:00:00",
     "dtm6": "9999-12-31T23:59:59.999999", "dtm1": "2000-01-01T00:00:00.0",
     "ts": "1970-01-01T00:00:01.000000Z", "ts0": "1970-01-01T00:00:01Z",
-    "tm": "-838:59:59", "tm2": "00:00:00.00", "tm6": "00:00:00.000000", "y": 1901, "j": [],
+    "tm": "-838:59:59", "tm2": "00:00:00.00", "tm6": "00:00:00.000000", "y": 1901,
+    "j": RawJSON("[]"),
     "e": "small", "st": [], "b1": 0, "b10": 0, "b64": 0, "bl": "", "bn": "AAAAAA==",
     "vb": "",
 }
@@ -111,9 +113,28 @@ async def test_every_type_as_json(mysql_env: Any, reading: Any) -> None:
                                           for name in COLUMNS.split(", ")}
     # JSON-ready: the envelope's encoder needs no fallback, and numbers stay exact.
     for c in changes:
-        text = json.dumps(c.doc, ensure_ascii=False)
+        text = json.dumps(c.doc, ensure_ascii=False, default=lambda v: json.loads(v.text))
         assert json.loads(dumps(c.doc)) == json.loads(text)
     assert '"biu":18446744073709551615' in dumps(changes[0].doc).decode()
+
+
+async def test_json_numbers_arrive_exactly_as_written(mysql_env: Any, reading: Any) -> None:
+    """MariaDB's JSON column is text: it reaches the payload as written, every digit
+    and spelling kept (no float round trip, no number turned into a string)."""
+    written = ('{"amount": 12345678901234567.89, "rate": 0.30000000000000001, '
+               '"n": 1e400, "z": -0}')
+    mysql_env.execute("CREATE TABLE m (id INT PRIMARY KEY, j JSON)")
+    r = await reading(mysql_env.make_source())
+    mysql_env.execute("INSERT INTO m VALUES (1, %s)", (written,))
+    (change,) = [c for c in await r.wait_for(1) if c.table == "m"]
+    assert dumps(change.doc).decode() == '{"id":1,"j":' + written + "}"
+    assert change.doc["j"].value["amount"] == Decimal("12345678901234567.89")
+
+
+def test_mysql_binary_json_decimal_stays_a_number() -> None:
+    """A DECIMAL inside MySQL's binary JSON keeps every digit, as a number."""
+    value = jsonable({"price": Decimal("12345678901234567.89"), "tiny": Decimal("-0")})
+    assert dumps(value) == b'{"price":12345678901234567.89,"tiny":-0}'
 
 
 async def test_every_type_in_updates_and_deletes(mysql_env: Any, reading: Any) -> None:

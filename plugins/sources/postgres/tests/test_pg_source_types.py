@@ -4,11 +4,14 @@ payloads, REPLICA IDENTITY DEFAULT vs FULL, unchanged TOAST values, TRUNCATE."""
 from __future__ import annotations
 
 import base64
+import json
 from datetime import timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from dbevents import Operation
+from dbevents import Operation, RawJSON
+from dbevents.envelope import dumps
 
 if TYPE_CHECKING:
     from plugins.sources.postgres.tests.conftest import PgEnv
@@ -83,12 +86,14 @@ EXPECTED: dict[str, Any] = {
     "ts_bc": "0044-03-15 12:00:00 BC",
     "tstz": "2024-02-29T11:14:15.5+00:00",
     "iv": "P1Y2M3DT4H5M6.5S", "iv_neg": "P-1D",
-    "js": {"a": [1, 2.5, None], "b": "x"}, "jsb": {"nested": {"k": True}},
+    # json keeps the text as written; jsonb as the server normalizes it.
+    "js": RawJSON('{"a": [1, 2.5, null], "b": "x"}'), "jsb": RawJSON('{"nested": {"k": true}}'),
     "ints": [1, 2, None],
     "texts": ["a,b", 'c"d', None, "NULL", " lead", "back\\slash", "{}"],
     "grid": [[1, 2], [3, 4]], "lower_bound": [7, 8],
     "nums": ["1.50", "NaN"], "stamps": ["2024-01-01T00:00:00+00:00"],
-    "docs": [{"k": 1}, []], "flags": [True, False], "floats": [1.5, "NaN", "-Infinity"],
+    "docs": [RawJSON('{"k": 1}'), RawJSON("[]")], "flags": [True, False],
+    "floats": [1.5, "NaN", "-Infinity"],
     "blobs": [base64.b64encode(b"\x01\xff").decode()],
     "bin": base64.b64encode(b"\x00\xff\x10").decode(),
     "feeling": "happy", "feelings": ["sad", "happy"],
@@ -288,7 +293,7 @@ async def test_schema_changes_mid_stream(pg: PgEnv) -> None:
     pg.execute("INSERT INTO evolving VALUES (3, 9)")
     first, second, third = await pg.reader(source).until(3)
     assert first.doc == {"id": 1, "a": "one"}
-    assert second.doc == {"id": 2, "a": 8, "b": {"x": 1}}
+    assert second.doc == {"id": 2, "a": 8, "b": RawJSON('{"x": 1}')}
     assert third.doc == {"id": 3, "a": 9}
 
 
@@ -301,3 +306,31 @@ async def test_partitioned_tables_come_under_their_own_name(pg: PgEnv) -> None:
     pg.execute("INSERT INTO events VALUES (1, '2024-05-06')")
     [change] = await pg.reader(source).until(1)
     assert change.table == "events" and change.doc_id == '[1,"2024-05-06"]'
+
+
+async def test_json_numbers_arrive_exactly_as_the_server_wrote_them(pg: PgEnv) -> None:
+    """No float round trip: every digit, 1e400 and -0 kept, no number a string."""
+    pg.execute("CREATE TABLE m (id int PRIMARY KEY, j json, jb jsonb, arr jsonb[])")
+    source = await pg.started(tables=["m"])
+    pg.execute("""INSERT INTO m VALUES (1,
+        '{"amount": 12345678901234567.89, "rate": 0.30000000000000001}',
+        '{"n": 1e400, "z": -0, "big": 123456789012345678901234567890}',
+        ARRAY['{"x": 0.1000000000000000055511151231257827}'::jsonb])""")
+    (change,) = await pg.reader(source).until(1)
+    server_text = pg.execute("SELECT j::text, jb::text, arr[1]::text FROM m")[0]
+
+    body = json.loads(dumps(change.doc), parse_float=Decimal, parse_int=Decimal)
+    assert dumps(change.doc["j"]).decode() == server_text[0]  # json: the text as written
+    assert dumps(change.doc["jb"]).decode() == server_text[1]  # jsonb: as the server prints it
+    assert dumps(change.doc["arr"]).decode() == f"[{server_text[2]}]"
+    assert body["j"] == {"amount": Decimal("12345678901234567.89"),
+                         "rate": Decimal("0.30000000000000001")}
+    assert body["jb"]["n"] == Decimal("1e400") and body["jb"]["z"] == 0
+    assert body["jb"]["big"] == Decimal("123456789012345678901234567890")
+    assert body["arr"] == [{"x": Decimal("0.1000000000000000055511151231257827")}]
+    # The payload is strict JSON (no Infinity, no NaN) and nothing became a string.
+    json.loads(dumps(change.doc), parse_constant=_refuse)
+
+
+def _refuse(name: str) -> None:
+    raise AssertionError(f"{name} in a payload")

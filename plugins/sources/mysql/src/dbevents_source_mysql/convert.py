@@ -40,7 +40,7 @@ from datetime import time as dtime
 from decimal import Decimal
 from typing import Any
 
-from dbevents import SetupError
+from dbevents import RawJSON, SetupError
 from pymysqlreplication.column import Column
 from pymysqlreplication.constants import FIELD_TYPE
 from pymysqlreplication.json_binary import parse_json
@@ -305,13 +305,15 @@ def _text_decoder(encoding: str | None) -> Callable[[bytes], str]:
 
 
 def _json_text(decode: Callable[[bytes], str]) -> Callable[[bytes], Any]:
-    """MariaDB's JSON is LONGTEXT with a json_valid check: parse the text."""
+    """MariaDB's JSON is LONGTEXT with a json_valid check: the text as written
+    (parsing it would round numbers through float), once it is known to be JSON."""
     def finish(raw: bytes) -> Any:
         text = decode(raw)
         try:
-            return json.loads(text)
+            json.loads(text)
         except ValueError:
-            return text
+            return text  # the check can be dropped: invalid text stays a string
+        return RawJSON(text)
     return finish
 
 
@@ -326,7 +328,8 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode("utf-8", "surrogateescape")
     if isinstance(value, Decimal):
-        return str(value)
+        # A DECIMAL inside binary JSON: the number with every digit, not a string.
+        return RawJSON(str(value)) if value.is_finite() else str(value)
     if isinstance(value, datetime | date | dtime):
         return value.isoformat()
     return value

@@ -10,13 +10,13 @@ typed dicts with the converters of ``types``.
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import attrs
+from dbevents.values import RawJSON
 
 from dbevents_source_postgres.types import INLINE, Converter, TypeRegistry
 
@@ -181,7 +181,7 @@ def compile_row(names: tuple[str, ...], converters: tuple[Converter | None, ...]
     lines += [f"    if buf[pos] * 256 + buf[pos + 1] != {n}:",
               "        return None",
               "    pos += 2"]
-    namespace: dict[str, Any] = {"unpack": _U32.unpack_from, "loads": json.loads}
+    namespace: dict[str, Any] = {"unpack": _U32.unpack_from, "RawJSON": RawJSON}
     for i, conv in enumerate(converters):
         value = [f"v{i} = buf[s:pos].decode()"]
         if conv is not None:

@@ -27,7 +27,7 @@ import structlog
 from dbevents.errors import SetupError, SourceUnavailable
 from dbevents.masking import mask_dsn
 from dbevents.protocols import SourceSettings
-from dbevents.values import Change, ChangeBatch, Operation, Position
+from dbevents.values import Change, ChangeBatch, Operation, Position, RawJSON
 
 from dbevents_source_postgres import catalog, checks
 from dbevents_source_postgres.options import PostgresOptions, publication_name, slot_name
@@ -72,7 +72,15 @@ def _key_text(value: Any) -> str:
         return value
     if type(value) is int:
         return str(value)
-    return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, RawJSON):
+        return value.text
+    return json.dumps(value, ensure_ascii=False, default=_raw_value)
+
+
+def _raw_value(value: Any) -> Any:
+    if isinstance(value, RawJSON):
+        return value.value
+    raise TypeError(f"{type(value).__name__} in a key")
 
 
 def doc_id(values: Mapping[str, Any], columns: tuple[str, ...]) -> str | None:
@@ -84,7 +92,7 @@ def doc_id(values: Mapping[str, Any], columns: tuple[str, ...]) -> str | None:
         value = values.get(columns[0])
         return None if value is None else _key_text(value)
     return json.dumps([values.get(c) for c in columns], ensure_ascii=False,
-                      separators=(",", ":"))
+                      separators=(",", ":"), default=_raw_value)
 
 
 @attrs.frozen

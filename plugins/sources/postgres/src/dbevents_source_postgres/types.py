@@ -13,11 +13,11 @@ arrive as their PostgreSQL text.
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
+from dbevents.values import RawJSON
 
 Converter = Callable[[str], Any]
 
@@ -43,8 +43,9 @@ def to_float(text: str) -> float | str:
     return text if text[-1] in "Ny" else float(text)
 
 
-def to_json(text: str) -> Any:
-    return json.loads(text)
+def to_json(text: str) -> RawJSON:
+    # As the server wrote it: json.loads would round numbers through float.
+    return RawJSON(text)
 
 
 def to_bytea(text: str) -> str:
@@ -136,7 +137,7 @@ SCALARS: dict[int, Converter | None] = {
 INLINE: dict[Converter, str] = {
     to_int: "int({b})",
     to_bool: "({b} == b't')",
-    to_json: "loads({b})",
+    to_json: "RawJSON({t})",
     to_float: "({t} if {t}[-1] in 'Ny' else float({t}))",
     to_timestamp: "({t} if {t}[-1] in 'yC' else {t}.replace(' ', 'T', 1))",
     to_timestamptz: "(f'{{{t}[:10]}}T{{{t}[11:]}}:00' if {t}[-3] == '+' and {t}[10] == ' '"
