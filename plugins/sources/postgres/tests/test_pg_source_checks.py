@@ -153,3 +153,22 @@ async def test_an_unreachable_server_is_named_without_its_password(pg: PgEnv) ->
     with pytest.raises(SetupError, match=r"postgresql://app:\*\*\*@127.0.0.1:1/nowhere") as err:
         await source.start()
     assert "s3cret" not in str(err.value)
+
+
+async def test_a_keyless_table_under_a_publication_names_the_consequence_and_the_fix(
+        pg: PgEnv) -> None:
+    """No key, default replica identity, every table watched (FOR ALL TABLES): the
+    warning says PostgreSQL now refuses the application's UPDATE and DELETE, and
+    how to fix it; and that is what PostgreSQL does."""
+    pg.execute("CREATE TABLE loose (body text)")
+    pg.execute("INSERT INTO loose VALUES ('x')")
+    with capture_logs() as logs:
+        await pg.started(tables=None)
+    [warning] = [e for e in logs if e["log_level"] == "warning" and e.get("table") == "loose"]
+    assert "refuses every UPDATE and DELETE" in warning["event"]
+    assert "REPLICA IDENTITY FULL" in warning["fix"] and "`tables`" in warning["fix"]
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState,
+                       match="does not have a replica identity"):
+        pg.execute("UPDATE loose SET body = 'y'")
+    pg.execute("ALTER TABLE loose REPLICA IDENTITY FULL")  # the fix the warning gives
+    pg.execute("UPDATE loose SET body = 'y'")

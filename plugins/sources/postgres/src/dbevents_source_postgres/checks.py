@@ -139,14 +139,26 @@ def warn_without_primary_key(tables: Collection[TableInfo], database: str) -> No
     for t in tables:
         if t.has_primary_key:
             continue
-        fallback = "the replica identity index's columns" if t.replica_identity == "i" else "null"
+        name = sql_qualified(t)
+        if t.replica_identity in ("f", "i"):
+            fallback = ("the replica identity index's columns" if t.replica_identity == "i"
+                        else "null")
+            log.warning(
+                f"a watched table has no primary key; its events carry docId = {fallback}, "
+                "and per-row ordering cannot tell its rows apart",
+                database=database, table=t.display, fix=f"ALTER TABLE {name} ADD PRIMARY KEY (...)")
+            continue
+        # No key and no REPLICA IDENTITY FULL: once a publication that publishes
+        # updates and deletes covers the table, PostgreSQL itself rejects them.
         log.warning(
-            "a watched table has no primary key; its events carry docId = "
-            f"{fallback}, and per-row ordering cannot tell its rows apart"
-            + ("" if t.replica_identity in ("f", "i") else
-               "; without REPLICA IDENTITY FULL or USING INDEX its updates and deletes fail"),
+            "a watched table has no primary key and no replica identity: while the "
+            "publication covers it, PostgreSQL refuses every UPDATE and DELETE on it, "
+            "your application's included (\"cannot update table ... because it does not "
+            "have a replica identity and publishes updates\"); its events carry docId = null",
             database=database, table=t.display,
-            fix=f"ALTER TABLE {sql_qualified(t)} ADD PRIMARY KEY (...)")
+            fix=f"ALTER TABLE {name} REPLICA IDENTITY FULL (or add a primary key); or, if no "
+                "trigger needs this table, list the wanted tables in the triggers' `tables` "
+                "(and leave publish_all off) so the publication leaves it out")
 
 
 async def ensure_publication(conn: Conn, plan: Plan, tables: list[TableInfo], role: str) -> None:
