@@ -44,8 +44,9 @@ def make_store(url: str, plugins: Plugins, config_dir: Any, role: str = "worker"
             f"{', '.join(plugins.names('store')) or 'none'}",
             path="eventing.store",
         ) from None
-    return cls(StoreSettings(url=resolve_store_url(url, config_dir), config_dir=config_dir,
-                             role=role))
+    store: Store = cls(StoreSettings(url=resolve_store_url(url, config_dir),
+                                     config_dir=config_dir, role=role))
+    return store
 
 
 class Engine:
