@@ -116,8 +116,10 @@ class MemorySource:
     async def close(self) -> None:
         pass
 
-    async def status(self) -> Mapping[str, Any]:
-        return {"lag_transactions": len(self.db.transactions) - self.db.confirmed}
+    @classmethod
+    async def probe_status(cls, settings: SourceSettings) -> Mapping[str, Any]:
+        db = database(settings.url.removeprefix("memory://"))
+        return {"lag_transactions": len(db.transactions) - db.confirmed}
 
 
 # -- a store -------------------------------------------------------------------
