@@ -137,7 +137,7 @@ def test_relative_sqlite_path_is_relative_to_config(tmp_path: Path) -> None:
     ({"triggers": [{"name": "a", "url": "http://x", "retires": 3}]},
      "triggers[0].retires", "did you mean 'retries'"),
     ({"triggers": [{"name": "a", "url": "ftp://x"}]}, "triggers[0].url",
-     "expected an http:// or https:// URL (sink 'webhook')"),
+     "expected an http:// or https:// URL (trigger 'a', sink 'webhook')"),
     ({"triggers": [{"url": "http://x"}]}, "triggers[0].name", "required key 'name'"),
     ({"triggers": [{"name": "a"}]}, "triggers[0].url", "required key 'url'"),
     ({"triggers": [{"name": "a", "url": "http://x", "operations": ["upsert"]}]},
@@ -291,7 +291,8 @@ def test_a_sink_validates_its_own_target_when_the_config_loads() -> None:
     with pytest.raises(ConfigError) as info:
         cfg.parse(bad, plugins, environ={})
     assert info.value.path == "triggers[1].url"
-    assert "expected redis://HOST/DB with a database number (sink 'redis')" in str(info.value)
+    assert "expected redis://HOST/DB with a database number (trigger 'b', sink 'redis')" \
+        in str(info.value)
     # The core itself has no opinion on a sink's URLs: a memory sink takes any.
     anything = {"triggers": [{"name": "a", "url": "ftp://x", "sink": "memory"}]}
     assert cfg.parse(anything, plugins, environ={}).triggers[0].url == "ftp://x"

@@ -474,7 +474,8 @@ def _triggers(raw: Any, databases: Mapping[str, DatabaseConfig],
             try:
                 validate(url, sink_options)
             except ValueError as exc:
-                raise ConfigError(f"{exc} (sink {sink_name!r})", path=f"{p}.url") from None
+                raise ConfigError(f"{exc} (trigger {name!r}, sink {sink_name!r})",
+                                  path=f"{p}.url") from None
         matcher_options: dict[str, Any] = {}
         by_matcher: dict[str, dict[str, Any]] = {}
         for key, value in table.items():
