@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from dbevents.cli import build
-from dbevents.protocols import StoreSettings
+from dbevents.plugins import module_from
+from dbevents.protocols import SourceSettings, StoreSettings
 from dbevents.testing import MemoryStore, isolated_plugins, make_event, reset
+from dbevents.testing.memory import MemorySource
 from dbevents.values import Attempt, Finish, Status
 
 
@@ -135,3 +139,38 @@ def test_events_list_show_redeliver_purge_status(tmp_path: Path) -> None:
     assert r.exit_code == 0 and "1 event(s) purged" in r.output
     r = invoke(tmp_path, GOOD, "events", "purge", "--older-than", "soon")
     assert r.exit_code == 2
+
+
+class FileSource(MemorySource):
+    """A source reading a file whose URL may be relative to the config's folder."""
+
+    @classmethod
+    async def probe_status(cls, settings: SourceSettings) -> Mapping[str, Any]:
+        path = settings.config_dir / settings.url.removeprefix("file:")
+        return {"bytes": len(path.read_bytes())}
+
+
+def test_status_probes_each_source_with_the_config_folder(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """One mechanism: `dbevents status` calls the source's declared async probe with
+    its settings, so a relative URL resolves against the config file's folder
+    whatever the working directory."""
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "data.log").write_bytes(b"12345")
+    monkeypatch.chdir(tmp_path)
+    plug = module_from("files", register_sources=lambda register: register("file", FileSource))
+    plugins = isolated_plugins(("files", plug))
+    path = tmp_path / "cfg" / "dbevents.toml"
+    path.write_text('[eventing]\nstore = "memory://cli"\n'
+                    '[databases.logs]\ntype = "file"\nurl = "file:data.log"\n')
+    r = CliRunner().invoke(build(plugins), ["--config", str(path), "status", "--json"],
+                           obj=plugins)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["sources"]["logs"] == {"type": "file", "checkpoint": None,
+                                                       "bytes": 5}
+
+
+def test_a_store_role_is_worker_or_admin() -> None:
+    assert StoreSettings(url="memory://x").role == "worker"
+    with pytest.raises(ValueError, match="'role' must be in"):
+        StoreSettings(url="memory://x", role="viewer")  # type: ignore[arg-type]

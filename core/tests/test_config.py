@@ -13,6 +13,7 @@ from dbevents.cli import build
 from dbevents.errors import ConfigError
 from dbevents.plugins import module_from
 from dbevents.testing import isolated_plugins
+from dbevents.testing.memory import MemorySink, MemorySource
 from dbevents.values import DEFAULT_OPERATIONS, Operation
 
 
@@ -22,11 +23,16 @@ class HeaderOpts:
     batch_size: int = 1
 
 
-class FakeSink:
-    Options = HeaderOpts
+class FakeSink(MemorySink):
+    Options = HeaderOpts  # type: ignore[assignment]
+
+    @classmethod
+    def validate_target(cls, url: str, options: HeaderOpts | None) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
 
 
-class FakeSource:
+class FakeSource(MemorySource):
     db_type = "sql-fake"
 
     @attrs.frozen
@@ -130,7 +136,8 @@ def test_relative_sqlite_path_is_relative_to_config(tmp_path: Path) -> None:
      "triggers[0].url", "NOPE is not set"),
     ({"triggers": [{"name": "a", "url": "http://x", "retires": 3}]},
      "triggers[0].retires", "did you mean 'retries'"),
-    ({"triggers": [{"name": "a", "url": "ftp://x"}]}, "triggers[0].url", "http:// or https://"),
+    ({"triggers": [{"name": "a", "url": "ftp://x"}]}, "triggers[0].url",
+     "expected an http:// or https:// URL (trigger 'a', sink 'webhook')"),
     ({"triggers": [{"url": "http://x"}]}, "triggers[0].name", "required key 'name'"),
     ({"triggers": [{"name": "a"}]}, "triggers[0].url", "required key 'url'"),
     ({"triggers": [{"name": "a", "url": "http://x", "operations": ["upsert"]}]},
@@ -186,7 +193,7 @@ def test_check_rejects_a_trigger_source_other_than_database(tmp_path: Path) -> N
     assert "ok" not in r.output.splitlines()
 
 
-class NoTruncateSource:
+class NoTruncateSource(MemorySource):
     db_type = "doc-fake"
     operations = frozenset({Operation.INSERT, Operation.UPDATE, Operation.DELETE})
 
@@ -236,3 +243,65 @@ def test_truncate_is_refused_when_no_database_of_any_kind_can() -> None:
         cfg.parse(raw, plugins)
     assert info.value.path == "triggers[0].operations"
     assert "none of the databases (types docs) emits truncate events" in str(info.value)
+
+
+@attrs.frozen
+class LimitOpts:
+    maxlen: int = attrs.field(default=10, validator=attrs.validators.ge(1))
+    mode: str = attrs.field(default="a", validator=attrs.validators.in_(["a", "b"]))
+
+
+class LimitSink(MemorySink):
+    Options = LimitOpts  # type: ignore[assignment]
+
+
+def _limit_plugins() -> cfg.Plugins:
+    plug = module_from("lim", register_sinks=lambda register: register("lim", LimitSink))
+    return isolated_plugins(("lim", plug))
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("maxlen", 0, "'maxlen' must be >= 1: 0"),
+    ("mode", "c", "'mode' must be in ['a', 'b'] (got 'c')"),
+])
+def test_an_attrs_validator_error_names_its_key(key: str, value: object, words: str) -> None:
+    raw = {"triggers": [{"name": "a", "url": "x://y", "sink": "lim", key: value}]}
+    with pytest.raises(ConfigError) as info:
+        cfg.parse(raw, _limit_plugins(), environ={})
+    assert info.value.path == f"triggers[0].{key}"
+    assert info.value.message == words
+
+
+class CheckedSink(MemorySink):
+    """A sink whose targets are redis:// URLs with a database number."""
+
+    @classmethod
+    def validate_target(cls, url: str, options: object) -> None:
+        if not url.startswith("redis://") or not url.rsplit("/", 1)[-1].isdigit():
+            raise ValueError("expected redis://HOST/DB with a database number")
+
+
+def test_a_sink_validates_its_own_target_when_the_config_loads() -> None:
+    plug = module_from("chk", register_sinks=lambda register: register("redis", CheckedSink))
+    plugins = isolated_plugins(("chk", plug))
+    good = {"triggers": [{"name": "a", "url": "redis://cache/2", "sink": "redis"}]}
+    assert cfg.parse(good, plugins, environ={}).triggers[0].url == "redis://cache/2"
+    bad = {"triggers": [good["triggers"][0], {"name": "b", "url": "redis://cache",
+                                              "sink": "redis"}]}
+    with pytest.raises(ConfigError) as info:
+        cfg.parse(bad, plugins, environ={})
+    assert info.value.path == "triggers[1].url"
+    assert "expected redis://HOST/DB with a database number (trigger 'b', sink 'redis')" \
+        in str(info.value)
+    # The core itself has no opinion on a sink's URLs: a memory sink takes any.
+    anything = {"triggers": [{"name": "a", "url": "ftp://x", "sink": "memory"}]}
+    assert cfg.parse(anything, plugins, environ={}).triggers[0].url == "ftp://x"
+
+
+def test_check_exits_2_naming_the_key_of_a_bad_target(tmp_path: Path) -> None:
+    plug = module_from("chk", register_sinks=lambda register: register("redis", CheckedSink))
+    path = write(tmp_path, '[[triggers]]\nname = "a"\nsink = "redis"\nurl = "redis://c"\n')
+    r = CliRunner().invoke(build(isolated_plugins(("chk", plug))),
+                           ["--config", str(path), "check"], obj=isolated_plugins(("chk", plug)))
+    assert r.exit_code == 2
+    assert "triggers[0].url" in r.output and "database number" in r.output

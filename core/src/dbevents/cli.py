@@ -23,7 +23,7 @@ from dbevents.engine import Engine, make_store
 from dbevents.envelope import request_body
 from dbevents.errors import DbeventsError
 from dbevents.masking import mask_dsn, mask_url
-from dbevents.protocols import EventFilter, Store
+from dbevents.protocols import EventFilter, SourceSettings, Store, StoreRole, status_probe
 from dbevents.values import Event, Status
 
 T = TypeVar("T")
@@ -49,7 +49,7 @@ class State:
             self._config = config_mod.load(self.config_path, self.plugins)
         return self._config
 
-    def store(self, role: str = "admin") -> Store:
+    def store(self, role: StoreRole = "admin") -> Store:
         cfg = self.config
         return make_store(cfg.eventing.store, self.plugins, cfg.dir, role=role)
 
@@ -89,7 +89,14 @@ def cli(ctx: click.Context, config_path: str | None, log_format: str | None,
         log_level: str) -> None:
     """dbevents: database changes in, CloudEvents webhooks out."""
     logs.setup(log_format, log_level)
-    ctx.obj = State(config_path, ctx.obj)
+    plugins: plugins_mod.Plugins = ctx.obj
+    # Clashing or misfit plugins stop every command but the one that lists them.
+    if ctx.invoked_subcommand != "plugins":
+        try:
+            plugins.check()
+        except DbeventsError as exc:
+            fail(exc)
+    ctx.obj = State(config_path, plugins)
 
 
 @cli.command()
@@ -163,20 +170,44 @@ def check(state: State) -> None:
 @cli.command("plugins")
 @click.pass_obj
 def plugins_cmd(state: State) -> None:
-    """List loaded plugins: kind, name, distribution, version."""
-    header = ("KIND", "NAME", "DISTRIBUTION", "VERSION", "ENTRY POINT")
-    rows = [(i.kind, i.name, i.distribution, i.version, i.plugin) for i in state.plugins.all()]
-    # Plugins that only add commands (or nothing) are listed too.
-    named = {i.plugin for i in state.plugins.all()}
-    rows += [("commands", name, dist, ver or "?", name)
-             for _, name, dist, ver in state.plugins.modules if name not in named]
+    """List installed plugins: kind, name, distribution, version; mark problems.
+
+    Exits 2 when two plugins clash or one does not fit its protocol (every other
+    command then refuses to run), after listing everything."""
+    plugins = state.plugins
+    conflicts = plugins.key_conflicts()
+    in_conflict = {id(i) for _, infos in conflicts for i in infos}
+
+    def note(i: plugins_mod.PluginInfo) -> str:
+        if (i.kind, i.name) in plugins.claimed_twice or i.plugin in plugins.clashes:
+            return "CLASH"  # a name two plugins claim (both rows are marked)
+        if i.problem:
+            return "MISFIT"
+        return "KEY CLASH" if id(i) in in_conflict else ""
+
+    header = ("KIND", "NAME", "DISTRIBUTION", "VERSION", "ENTRY POINT", "")
+    rows = [(i.kind, i.name, i.distribution, i.version, i.plugin, note(i))
+            for i in plugins.all()]
+    # Plugins that only add commands (or nothing) are listed too, and so is a
+    # distribution whose entry point name another one already took.
+    named = {i.plugin for i in plugins.all()}
+    rows += [("?", name, dist, ver or "?", name, "CLASH") if module is None else
+             ("commands", name, dist, ver or "?", name, "CLASH" if name in plugins.clashes
+              else "")
+             for module, name, dist, ver in plugins.modules
+             if module is None or name not in named]
     widths = [max([len(h)] + [len(r[c]) for r in rows]) for c, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     click.echo(fmt.format(*header).rstrip())
     for r in rows:
         click.echo(fmt.format(*r).rstrip())
-    for f in state.plugins.failures:
+    for f in plugins.failures:
         click.echo(f"failed to load: {f.plugin} ({f.distribution}): {f.error}", err=True)
+    problems = plugins.problems()
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    if problems:
+        sys.exit(2)
 
 
 # -- the event log ---------------------------------------------------------------
@@ -316,11 +347,12 @@ def status(state: State, as_json: bool) -> None:
         for name, db in cfg.databases.items():
             info: dict[str, Any] = {"type": db.type, "checkpoint": str(cps[name])
                                     if name in cps else None}
-            src_cls = state.plugins.get("source", db.type)
-            probe = getattr(src_cls, "probe_status", None)
+            probe = status_probe(state.plugins.get("source", db.type))
             if probe is not None:
+                settings = SourceSettings(name=name, url=db.url, options=db.options,
+                                          config_dir=cfg.dir)
                 try:
-                    info.update(await probe(db.url, db.options, name))
+                    info.update(await probe(settings))
                 except Exception as exc:  # the database may be down; say so, don't fail
                     info["probe"] = f"unavailable ({type(exc).__name__})"
             sources[name] = info

@@ -22,6 +22,13 @@ import attrs
 from dbevents.durations import parse_duration
 from dbevents.errors import ConfigError
 from dbevents.plugins import Plugins
+from dbevents.protocols import (
+    DATABASE_KEYS,
+    TRIGGER_KEYS,
+    options_class,
+    source_operations,
+    target_validator,
+)
 from dbevents.values import DEFAULT_OPERATIONS, Operation, Trigger
 
 DEFAULT_STORE = "sqlite:///dbevents.db"
@@ -141,17 +148,34 @@ def structure(cls: type, raw: Mapping[str, Any], path: str, what: str) -> Any:
     for key in raw:
         if key not in fields:
             raise _unknown(key, fields, path, what)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         if name not in raw:
             if f.default is attrs.NOTHING:
                 raise ConfigError(f"required key {name!r} is missing", path=_join(path, name))
             continue
         kwargs[name] = coerce(hints[name], raw[name], _join(path, name))
+    # Validators run one field at a time, so an error names that field's key
+    # (attrs' own messages do not always carry the attribute).
     try:
-        return cls(**kwargs)
+        with attrs.validators.disabled():
+            obj = cls(**kwargs)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(str(exc), path=path) from None
+        raise ConfigError(_message(exc), path=path) from None
+    for name, f in fields.items():
+        if f.validator is None:
+            continue
+        try:
+            f.validator(obj, f, getattr(obj, name))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(_message(exc), path=_join(path, name)) from None
+    return obj
+
+
+def _message(exc: Exception) -> str:
+    # attrs raises TypeError(message, attribute, type, value): the message alone.
+    first = exc.args[0] if exc.args else ""
+    return first if isinstance(first, str) and first else str(exc)
 
 
 def coerce(tp: Any, value: Any, path: str) -> Any:
@@ -207,17 +231,11 @@ def coerce(tp: Any, value: Any, path: str) -> Any:
     return value
 
 
-def options_class(plugin: Any) -> type | None:
-    cls = getattr(plugin, "Options", None)
-    return cls if cls is not None and attrs.has(cls) else None
-
-
 # -- the config itself -------------------------------------------------------
 
 _EVENTING_KEYS = ("enabled", "store", "source_id", "retention")
-_DATABASE_KEYS = ("type", "url")
-_TRIGGER_KEYS = ("name", "source", "databases", "tables", "operations", "url", "retries",
-                 "timeout", "concurrency", "backoff_base", "backoff_max", "sink")
+_DATABASE_KEYS = DATABASE_KEYS
+_TRIGGER_KEYS = TRIGGER_KEYS
 
 
 def load(path: Path, plugins: Plugins, environ: Mapping[str, str] | None = None) -> Config:
@@ -231,6 +249,7 @@ def load(path: Path, plugins: Plugins, environ: Mapping[str, str] | None = None)
 
 def parse(raw: Mapping[str, Any], plugins: Plugins, environ: Mapping[str, str] | None = None,
           path: Path | None = None) -> Config:
+    plugins.check()
     environ = os.environ if environ is None else environ
     data = interpolate(dict(raw), "", environ)
     for key in data:
@@ -330,7 +349,7 @@ def _emits(db: DatabaseConfig, plugins: Plugins) -> frozenset[Operation]:
         source = plugins.get("source", db.type)
     except KeyError:
         return frozenset(Operation)
-    return frozenset(getattr(source, "operations", frozenset(Operation)))
+    return source_operations(source)
 
 
 def _check_operations(operations: frozenset[Operation], dbs: frozenset[str] | None,
@@ -433,8 +452,6 @@ def _triggers(raw: Any, databases: Mapping[str, DatabaseConfig],
         if "url" not in table:
             raise ConfigError("required key 'url' is missing", path=f"{p}.url")
         url = coerce(str, table["url"], f"{p}.url")
-        if sink_name == "webhook" and not re.match(r"^https?://[^/\s]+", url):
-            raise ConfigError("expected an http:// or https:// URL", path=f"{p}.url")
         retries = coerce(int, table.get("retries", 3), f"{p}.retries")
         if retries < 0:
             raise ConfigError(f"must be 0 or more, got {retries}", path=f"{p}.retries")
@@ -452,6 +469,13 @@ def _triggers(raw: Any, databases: Mapping[str, DatabaseConfig],
                 f"{backoff_max}", path=f"{p}.backoff_max")
         sink_raw = {k: v for k, v in table.items() if k in sink_keys}
         sink_options = structure(sink_cls, sink_raw, p, "a trigger") if sink_cls else None
+        validate = target_validator(sink)
+        if validate is not None:
+            try:
+                validate(url, sink_options)
+            except ValueError as exc:
+                raise ConfigError(f"{exc} (trigger {name!r}, sink {sink_name!r})",
+                                  path=f"{p}.url") from None
         matcher_options: dict[str, Any] = {}
         by_matcher: dict[str, dict[str, Any]] = {}
         for key, value in table.items():

@@ -24,7 +24,15 @@ from dbevents.errors import ConfigError, SetupError, SourceUnavailable
 from dbevents.masking import mask_dsn
 from dbevents.matching import TriggerMatcher
 from dbevents.plugins import Plugins
-from dbevents.protocols import Sink, Source, SourceSettings, Store, StoreSettings
+from dbevents.protocols import (
+    Sink,
+    Source,
+    SourceSettings,
+    Store,
+    StoreRole,
+    StoreSettings,
+    initial_position,
+)
 from dbevents.values import ChangeBatch, Position, Status
 
 log = structlog.get_logger("dbevents.engine")
@@ -34,7 +42,8 @@ MAX_CHANGES_PER_TXN = 5000  # batches coalesced into one store transaction
 RETENTION_EVERY = 60.0  # seconds between retention sweeps
 
 
-def make_store(url: str, plugins: Plugins, config_dir: Any, role: str = "worker") -> Store:
+def make_store(url: str, plugins: Plugins, config_dir: Any,
+               role: StoreRole = "worker") -> Store:
     scheme = url.split("://", 1)[0].lower()
     try:
         cls = plugins.get("store", scheme)
@@ -44,8 +53,9 @@ def make_store(url: str, plugins: Plugins, config_dir: Any, role: str = "worker"
             f"{', '.join(plugins.names('store')) or 'none'}",
             path="eventing.store",
         ) from None
-    return cls(StoreSettings(url=resolve_store_url(url, config_dir), config_dir=config_dir,
-                             role=role))
+    store: Store = cls(StoreSettings(url=resolve_store_url(url, config_dir),
+                                     config_dir=config_dir, role=role))
+    return store
 
 
 class Engine:
@@ -132,7 +142,7 @@ class Engine:
         position is stored before dbevents says it is running. Otherwise a change
         made after that line but before capture began, or before a crash that came
         first, would lie before a "now" taken later, and be skipped."""
-        initial = getattr(source, "initial_position", None)
+        initial = initial_position(source)
         if initial is None:
             return
         if await self._retry_store(lambda: self.store.checkpoint(name)) is not None:

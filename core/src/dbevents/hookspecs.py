@@ -9,29 +9,37 @@ from typing import Any
 import click
 import pluggy
 
+from dbevents.protocols import Matcher, Sink, Source, Store
+
 hookspec = pluggy.HookspecMarker("dbevents")
 hookimpl = pluggy.HookimplMarker("dbevents")
 
+# One registry per kind. Each class is checked against its kind's protocol when
+# it is registered; one that does not fit is reported naming its distribution.
 Register = Callable[[str, Any], None]
+RegisterSource = Callable[[str, type[Source]], None]
+RegisterSink = Callable[[str, type[Sink]], None]
+RegisterStore = Callable[[str, type[Store]], None]
+RegisterMatcher = Callable[[str, type[Matcher]], None]
 
 
 @hookspec
-def register_sources(register: Register) -> None:
+def register_sources(register: RegisterSource) -> None:
     """register("postgres", PostgresSource): a source, by the `type` users write."""
 
 
 @hookspec
-def register_sinks(register: Register) -> None:
+def register_sinks(register: RegisterSink) -> None:
     """register("webhook", WebhookSink): a sink, by the trigger's `sink` key."""
 
 
 @hookspec
-def register_stores(register: Register) -> None:
+def register_stores(register: RegisterStore) -> None:
     """register("sqlite", SqliteStore): a store, by its URL scheme."""
 
 
 @hookspec
-def register_matchers(register: Register) -> None:
+def register_matchers(register: RegisterMatcher) -> None:
     """register("filter", RowFilter): extra trigger keys that narrow matching."""
 
 

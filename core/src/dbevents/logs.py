@@ -6,6 +6,7 @@ import logging
 import sys
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
 
 def setup(fmt: str | None = None, level: str = "info") -> None:
@@ -36,6 +37,6 @@ def setup(fmt: str | None = None, level: str = "info") -> None:
     logging.getLogger().setLevel(max(numeric, logging.WARNING))
 
 
-def _drop_none(_: object, __: str, event: dict[str, object]) -> dict[str, object]:
+def _drop_none(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     # Keeps lines short: a key with no value says nothing.
     return {k: v for k, v in event.items() if v is not None}

@@ -8,10 +8,10 @@ instance, so plugins never parse raw TOML.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import attrs
 
@@ -21,6 +21,7 @@ from dbevents.values import (
     ChangeBatch,
     Event,
     Finish,
+    Operation,
     Outcome,
     Position,
     Status,
@@ -45,9 +46,8 @@ class Source(Protocol):
     """Reads changes from one database, in commit order."""
 
     db_type: ClassVar[str]  # the `data.db` value, e.g. "sql-postgres"
-    # Optional: the operations this source can emit (read with getattr; a source
-    # without it is taken to emit all of them). A trigger asking a source for one
-    # it cannot emit is a config error rather than a trigger that never fires.
+    # Optional capabilities (``Options``, ``operations``, ``probe_status``,
+    # ``initial_position``) are declared below, each with its default.
 
     def __init__(self, settings: SourceSettings) -> None: ...
 
@@ -68,24 +68,81 @@ class Source(Protocol):
 
     async def close(self) -> None: ...
 
-    async def status(self) -> Mapping[str, Any]:
-        """Optional facts for `dbevents status`, e.g. {"lag_bytes": 123}."""
-        ...
 
-    # Optional (read with getattr): ``async def initial_position() -> Position |
-    # None``, for a source whose start without a checkpoint depends on when it is
-    # asked ("the end of the binlog now"). The engine stores it as the first
-    # checkpoint before it reports running, so no change made from then on can
-    # fall before a later "now". None: the start does not depend on the time.
+# -- optional capabilities ------------------------------------------------------
+# What the core reads from a plugin class beyond its protocol. Each is read only
+# through the function here, which gives the default when a plugin leaves it out.
+
+StatusProbe = Callable[[SourceSettings], Awaitable[Mapping[str, Any]]]
+InitialPosition = Callable[[], Awaitable[Position | None]]
+TargetValidator = Callable[[str, Any], None]
+
+
+def options_class(plugin: object) -> type | None:
+    """``Options``: an attrs class whose fields are the config keys the plugin
+    adds (see the module docstring). Default: none, the plugin adds no keys."""
+    cls = getattr(plugin, "Options", None)
+    return cls if isinstance(cls, type) and attrs.has(cls) else None
+
+
+def source_operations(source: object) -> frozenset[Operation]:
+    """``operations``: a class attribute, the frozenset of operations the source
+    can emit. Default: all of them. A trigger asking a source for one it cannot
+    emit is a config error rather than a trigger that never fires."""
+    ops = getattr(source, "operations", None)
+    return frozenset(Operation) if ops is None else frozenset(ops)
+
+
+def status_probe(source: object) -> StatusProbe | None:
+    """``probe_status``: an async classmethod ``probe_status(settings:
+    SourceSettings) -> Mapping[str, Any]`` giving facts for `dbevents status`
+    (e.g. {"lag_bytes": 123}). It runs in a separate process from the worker,
+    without ``start()``: it connects for itself and must not consume changes.
+    ``settings.config_dir`` is the config file's folder, against which relative
+    paths in the URL resolve. Default: none; `dbevents status` then shows the
+    checkpoint alone."""
+    probe: StatusProbe | None = getattr(source, "probe_status", None)
+    return probe
+
+
+def initial_position(source: object) -> InitialPosition | None:
+    """``initial_position``: ``async def initial_position() -> Position | None`` on
+    the instance, for a source whose start without a checkpoint depends on when
+    it is asked ("the end of the binlog now"). The engine stores it as the first
+    checkpoint before it reports running, so no change made from then on can fall
+    before a later "now". Default: none, the start does not depend on the time."""
+    found: InitialPosition | None = getattr(source, "initial_position", None)
+    return found
+
+
+def target_validator(sink: object) -> TargetValidator | None:
+    """``validate_target``: a classmethod ``validate_target(url, options) -> None``
+    on a sink, called when the config loads for every trigger using the sink, with
+    the trigger's ``url`` and its ``Options`` instance (or None). It raises
+    ValueError with a message saying what is wrong; the launcher reports it at
+    ``triggers[N].url`` and exits 2. Default: none, any URL is accepted."""
+    check: TargetValidator | None = getattr(sink, "validate_target", None)
+    return check
+
+
+# The trigger and database keys the core reads itself; a plugin's Options may not
+# declare them.
+TRIGGER_KEYS = ("name", "source", "databases", "tables", "operations", "url", "retries",
+                "timeout", "concurrency", "backoff_base", "backoff_max", "sink")
+DATABASE_KEYS = ("type", "url")
+
+# Who opens a store: "worker", a process that captures and delivers; "admin", a CLI
+# command looking at the log while a worker may be running (it must not take over
+# a worker's claims or checkpoints).
+StoreRole = Literal["worker", "admin"]
+STORE_ROLES: tuple[StoreRole, ...] = ("worker", "admin")
 
 
 @attrs.frozen
 class StoreSettings:
     url: str
     config_dir: Path = Path(".")
-    # "worker": this process captures and delivers; "admin": a CLI command looking
-    # at the log while a worker may be running.
-    role: str = "worker"
+    role: StoreRole = attrs.field(default="worker", validator=attrs.validators.in_(STORE_ROLES))
 
 
 @attrs.frozen
@@ -206,13 +263,23 @@ class Matcher(Protocol):
 
 
 __all__ = [
+    "DATABASE_KEYS",
+    "STORE_ROLES",
+    "TRIGGER_KEYS",
     "ChangeBatch",
     "EventFilter",
     "Matcher",
     "Sink",
     "Source",
     "SourceSettings",
+    "StatusProbe",
     "Store",
+    "StoreRole",
     "StoreSettings",
     "TriggerStats",
+    "initial_position",
+    "options_class",
+    "source_operations",
+    "status_probe",
+    "target_validator",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,7 +18,7 @@ import attrs
 import pytest
 
 from dbevents.envelope import dumps
-from dbevents.protocols import EventFilter, Sink, Source, Store
+from dbevents.protocols import EventFilter, Sink, Source, SourceSettings, Store, status_probe
 from dbevents.values import Attempt, Change, Event, Finish, Position, Status, Trigger
 
 
@@ -332,10 +332,11 @@ class SourceContract:
             await again.close()
         assert [c.key for c in second[:3]] == [c.key for c in first[:3]]
 
-    async def test_status_is_a_mapping(self, started: Source) -> None:
-        status = getattr(started, "status", None)
-        if status is not None:
-            assert isinstance(await status(), dict)
+    async def test_status_probe_gives_a_mapping(self, started: Source) -> None:
+        probe = status_probe(type(started))
+        settings = getattr(started, "settings", None)
+        if probe is not None and isinstance(settings, SourceSettings):
+            assert isinstance(await probe(settings), Mapping)
 
 
 class SinkContract:

@@ -116,8 +116,10 @@ class MemorySource:
     async def close(self) -> None:
         pass
 
-    async def status(self) -> Mapping[str, Any]:
-        return {"lag_transactions": len(self.db.transactions) - self.db.confirmed}
+    @classmethod
+    async def probe_status(cls, settings: SourceSettings) -> Mapping[str, Any]:
+        db = database(settings.url.removeprefix("memory://"))
+        return {"lag_transactions": len(db.transactions) - db.confirmed}
 
 
 # -- a store -------------------------------------------------------------------
@@ -310,9 +312,10 @@ class MemoryStore:
                 seq, eid = heap[0]
                 ev = self.s.events.get(eid)
                 if ev is not None and ev.status is Status.PENDING and self._is_head(ev):
-                    if (ev.next_attempt_at or now) <= now:
-                        return ev.next_attempt_at or now
-                    heapq.heappush(timed, (ev.next_attempt_at, seq, eid))  # type: ignore[arg-type]
+                    due = ev.next_attempt_at or now
+                    if due <= now:
+                        return due
+                    heapq.heappush(timed, (due, seq, eid))
                 heapq.heappop(heap)
         return timed[0][0] if timed else None
 

@@ -475,7 +475,8 @@ def test_the_core_rejects_a_bad_trigger_key(tmp_path: Path) -> None:
     # reports them with the key path and exit status 2.
     done = dbevents_check(tmp_path, "batch_size = 0")
     assert done.returncode == 2
-    assert "triggers[0]: batch_size must be an integer from 1 to 1000, got 0" in done.stderr
+    assert "triggers[0].batch_size: batch_size must be an integer from 1 to 1000, got 0" \
+        in done.stderr
 
 
 def test_the_entry_point_registers_the_webhook_sink() -> None:
@@ -491,3 +492,43 @@ def test_a_made_up_charset_never_fails_a_delivered_request() -> None:
 
     for charset in ("rot13", "hex", "no-such-codec", None):
         assert decode_body(b"ok \xc3\xa9", charset) == "ok \u00e9"
+
+
+async def test_url_credentials_go_as_a_masked_basic_authorization_header(
+        sink: WebhookSink, receiver: ThreadedReceiver) -> None:
+    url = receiver.url("/hook").replace("://", "://ann:s%3Acret@", 1)
+    [out] = await sink.deliver(trigger(url), [make_event()])
+    assert out.ok, out.error
+    [req] = receiver.requests("/hook")
+    assert req.headers["Authorization"] == "Basic " + base64.b64encode(b"ann:s:cret").decode()
+    assert out.request_headers["Authorization"] == "***"
+    assert "cret" not in repr(out)
+
+
+@pytest.mark.parametrize(("url", "headers", "words"), [
+    ("ftp://example.com/x", {}, "expected an http:// or https:// URL"),
+    ("https://ann:pw@example.com/x", {"authorization": "Bearer t"},
+     "the URL carries credentials, which are sent as a Basic Authorization header, and "
+     "headers sets Authorization too"),
+])
+def test_a_bad_target_is_a_config_error_naming_the_trigger(
+        tmp_path: Path, url: str, headers: dict[str, str], words: str) -> None:
+    """`dbevents check` refuses it (exit 2, key named) instead of every attempt failing."""
+    table = "".join(f'"{k}" = "{v}"\n' for k, v in headers.items())
+    path = tmp_path / "dbevents.toml"
+    path.write_text(f'[[triggers]]\nname = "orders"\nurl = "{url}"\n'
+                    + (f"[triggers.headers]\n{table}" if headers else ""))
+    env = {**os.environ, "DBEVENTS_PLUGINS": "sink-webhook,store-sqlite"}
+    r = subprocess.run([sys.executable, "-m", "dbevents.cli", "--config", str(path), "check"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"triggers[0].url: {words}" in r.stderr
+    assert "(trigger 'orders', sink 'webhook')" in r.stderr
+    assert "pw" not in r.stderr and "Bearer" not in r.stderr
+
+
+def test_credentials_alone_or_a_header_alone_are_fine() -> None:
+    WebhookSink.validate_target("https://ann:pw@example.com/x", WebhookOptions())
+    WebhookSink.validate_target("https://example.com/x",
+                                WebhookOptions(headers={"Authorization": "Bearer t"}))
+    WebhookSink.validate_target("http://example.com", None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -78,12 +79,19 @@ class _Plan:
 def _plan(trigger: Trigger) -> _Plan:
     opts = options_of(trigger)
     batch = opts.batch_size > 1
+    url = URL(trigger.url, encoded=False)
     headers = {"User-Agent": USER_AGENT, **opts.headers,
                "Content-Type": BATCH_JSON if batch else JSON}
+    auth = aiohttp.BasicAuth.from_url(url)
+    if auth is not None:
+        # Credentials in the URL become a Basic Authorization header here, not in
+        # the HTTP client, so the invocation log records it (masked) like the others.
+        headers["Authorization"] = auth.encode()
+        url = url.with_user(None)
     secrets = opts.secrets
     return _Plan(
         trigger=trigger,
-        url=URL(trigger.url, encoded=False),
+        url=url,
         batch=batch,
         batch_size=opts.batch_size,
         headers=headers,
@@ -106,6 +114,19 @@ class WebhookSink:
     """
 
     Options = WebhookOptions
+
+    @classmethod
+    def validate_target(cls, url: str, options: WebhookOptions | None) -> None:
+        """Called by the core when the config loads: a bad target is a config
+        error naming the trigger's ``url`` key, not a run of failed attempts."""
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError("expected an http:// or https:// URL")
+        headers = options.headers if options is not None else {}
+        if URL(url, encoded=False).user is not None and \
+                any(name.lower() == "authorization" for name in headers):
+            raise ValueError(
+                "the URL carries credentials, which are sent as a Basic Authorization "
+                "header, and headers sets Authorization too; keep one of them")
 
     def __init__(self, *, limit: int = 1024, limit_per_host: int = 256,
                  keepalive_timeout: float = 4.0) -> None:

@@ -169,10 +169,11 @@ class MysqlSource:
         return out
 
     @classmethod
-    async def probe_status(cls, url: str, options: Any, name: str) -> dict[str, Any]:
+    async def probe_status(cls, settings: SourceSettings) -> dict[str, Any]:
         """For `dbevents status`: the server's binlog end and the oldest file kept,
         which a checkpoint must not fall behind."""
-        opts: MysqlOptions = options or MysqlOptions()
+        opts: MysqlOptions = settings.options or MysqlOptions()
+        url = settings.url
         params = parse_url(url)
 
         def probe() -> dict[str, Any]:

@@ -194,19 +194,11 @@ class PostgresSource:
         if self._stream is not None:
             self._stream.report(self._confirmed)
 
-    async def status(self) -> Mapping[str, Any]:
-        try:
-            info = await catalog.slot_info(await self._catalog_conn(), self.slot)
-        except psycopg.Error as exc:
-            return {"slot": self.slot, "error": _first_line(exc)}
-        return _slot_status(self.slot, info)
-
     @classmethod
-    async def probe_status(cls, url: str, options: PostgresOptions | None,
-                           name: str) -> dict[str, Any]:
+    async def probe_status(cls, settings: SourceSettings) -> dict[str, Any]:
         """Slot facts for `dbevents status`, without starting a source."""
-        slot = slot_name(name, options)
-        conn = await catalog.connect(url, 5)
+        slot = slot_name(settings.name, settings.options)
+        conn = await catalog.connect(settings.url, 5)
         try:
             return _slot_status(slot, await catalog.slot_info(conn, slot))
         finally:
