@@ -410,6 +410,32 @@ class PostgresServer(_Server):
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return name
 
+    def create_password_user(self, name: str, password: str) -> str:
+        """A superuser that must give its password over TCP (every other user is
+        trusted): for tests of wrong passwords and of what error texts show."""
+        from psycopg import sql
+
+        with self.connect() as conn:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN SUPERUSER REPLICATION PASSWORD {}")
+                         .format(sql.Identifier(name), sql.Literal(password)))
+        hba = self.datadir / "pg_hba.conf"
+        # The first matching line wins: these go before the trust lines.
+        lines = (f"host all {name} 127.0.0.1/32 scram-sha-256\n"
+                 f"host replication {name} 127.0.0.1/32 scram-sha-256\n")
+        self._write_as_owner(hba, lines + hba.read_text())
+        self.execute("SELECT pg_reload_conf()")
+        import psycopg
+
+        # The postmaster rereads pg_hba.conf after the call returns: wait for it.
+        for _ in range(100):
+            try:
+                psycopg.connect(f"postgresql://{name}:not-it@127.0.0.1:{self.port}/postgres",
+                                connect_timeout=2).close()
+            except psycopg.OperationalError:
+                return name
+            time.sleep(0.05)
+        raise ServerError("pg_hba.conf was not reloaded")
+
     def drop_database(self, name: str) -> None:
         """Drop a database with its replication slots, ending any sessions on it."""
         from psycopg import sql

@@ -26,3 +26,22 @@ def test_mask_url_and_headers() -> None:
     assert mask_url("http://127.0.0.1:8080") == "http://127.0.0.1:8080"
     assert mask_headers({"Authorization": "Bearer x", "X-Api-Key": "k", "Content-Type": "a"}) \
         == {"Authorization": "***", "X-Api-Key": "***", "Content-Type": "a"}
+
+
+def test_mask_dsn_password_with_slash_colon_at() -> None:
+    # The userinfo runs to the last "@": a "/" in the password must not end it.
+    assert mask_dsn("postgresql://app:a/b:c@d%40e@127.0.0.1:5999/app?sslmode=disable") == \
+        "postgresql://app:***@127.0.0.1:5999/app?sslmode=disable"
+
+
+def test_scrub_covers_the_pieces_a_driver_echoes() -> None:
+    from dbevents.masking import add_secrets, forget_secrets, scrub, url_secrets
+
+    add_secrets(url_secrets("postgresql://app:Xy7q@Zsecret99@127.0.0.1:5999/app"))
+    try:
+        # libpq splits at the first "@" and quotes the rest as the host name.
+        assert scrub("failed to resolve host 'Zsecret99@127.0.0.1'") == \
+            "failed to resolve host '***@127.0.0.1'"
+        assert "Xy7q" not in scrub("password Xy7q@Zsecret99 and Xy7q%40Zsecret99")
+    finally:
+        forget_secrets()

@@ -7,22 +7,24 @@ import json
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import PackageNotFoundError, version
+from types import TracebackType
 from typing import Any, TypeVar
 
 import click
 import structlog
 
 from dbevents import config as config_mod
-from dbevents import logs
+from dbevents import logs, masking
 from dbevents import plugins as plugins_mod
 from dbevents.durations import parse_duration
 from dbevents.engine import Engine, make_store
 from dbevents.envelope import request_body
 from dbevents.errors import DbeventsError
-from dbevents.masking import mask_dsn, mask_url
+from dbevents.masking import mask_dsn, mask_url, scrub
 from dbevents.protocols import EventFilter, SourceSettings, Store, StoreRole, status_probe
 from dbevents.values import Event, Status
 
@@ -47,6 +49,10 @@ class State:
     def config(self) -> config_mod.Config:
         if self._config is None:
             self._config = config_mod.load(self.config_path, self.plugins)
+            # Defence in depth: whatever a driver echoes back (a password it split
+            # differently, a URL in its own error text) is scrubbed from every log
+            # line and every message below, not only what our masking formats.
+            masking.add_secrets(masking.secrets_in(self._config))
         return self._config
 
     def store(self, role: StoreRole = "admin") -> Store:
@@ -55,7 +61,7 @@ class State:
 
 
 def fail(exc: DbeventsError) -> None:
-    click.echo(f"error: {exc}", err=True)
+    click.echo(scrub(f"error: {exc}"), err=True)
     sys.exit(exc.exit_code)
 
 
@@ -88,6 +94,7 @@ async def with_store(state: State, body: Callable[[Store], Awaitable[T]]) -> T:
 def cli(ctx: click.Context, config_path: str | None, log_format: str | None,
         log_level: str) -> None:
     """dbevents: database changes in, CloudEvents webhooks out."""
+    masking.forget_secrets()  # a new invocation (tests run many in one process)
     logs.setup(log_format, log_level)
     plugins: plugins_mod.Plugins = ctx.obj
     # Clashing or misfit plugins stop every command but the one that lists them.
@@ -245,13 +252,14 @@ def events_list(state: State, status: str | None, trigger: str | None, database:
     evs = run_async(with_store(state, lambda s: s.list_events(flt)))
     if as_json:
         for ev in evs:
-            click.echo(json.dumps(_event_dict(ev)))
+            click.echo(scrub(json.dumps(_event_dict(ev))))
         return
     click.echo(f"{'ID':<36}  {'TRIGGER':<20} {'TYPE':<10} {'STATUS':<10} {'ATT':>3}  "
                f"{'TABLE':<20} DOCID")
     for ev in evs:
-        click.echo(f"{ev.id:<36}  {ev.trigger[:20]:<20} {ev.type:<10} {ev.status.value:<10} "
-                   f"{ev.attempts:>3}  {ev.table[:20]:<20} {ev.doc_id}")
+        click.echo(scrub(f"{ev.id:<36}  {ev.trigger[:20]:<20} {ev.type:<10} "
+                         f"{ev.status.value:<10} {ev.attempts:>3}  {ev.table[:20]:<20} "
+                         f"{ev.doc_id}"))
 
 
 @events.command("show")
@@ -284,6 +292,7 @@ def events_show(state: State, event_id: str, body_of: int | None) -> None:
                        f"{chosen[-1].batch_size} events, of which only {len(members)} are "
                        "still in the event log (the others were purged)", err=True)
             sys.exit(1)
+        # The exact bytes sent: the receiver saw them, so they are shown unchanged.
         click.echo(sent.decode("utf-8", "replace"))
         return
     out = _event_dict(ev)
@@ -296,7 +305,7 @@ def events_show(state: State, event_id: str, body_of: int | None) -> None:
          "request_id": a.request_id, "batch_index": a.batch_index}
         for a in attempts
     ]
-    click.echo(json.dumps(out, indent=2))
+    click.echo(scrub(json.dumps(out, indent=2)))
 
 
 @events.command("redeliver")
@@ -354,17 +363,17 @@ def status(state: State, as_json: bool) -> None:
                 try:
                     info.update(await probe(settings))
                 except Exception as exc:  # the database may be down; say so, don't fail
-                    info["probe"] = f"unavailable ({type(exc).__name__})"
+                    info["probe"] = _probe_failure(exc)
             sources[name] = info
         return stats, sources
 
     stats, sources = run_async(with_store(state, body))
     if as_json:
-        click.echo(json.dumps({
+        click.echo(scrub(json.dumps({
             "triggers": [{"trigger": s.trigger, "pending": s.pending,
                           "delivering": s.delivering, "delivered": s.delivered,
                           "failed": s.failed} for s in stats],
-            "sources": sources}, indent=2))
+            "sources": sources}, indent=2)))
         return
     click.echo(f"{'TRIGGER':<24} {'PENDING':>8} {'DELIVERING':>10} {'DELIVERED':>10} "
                f"{'FAILED':>7}")
@@ -375,7 +384,26 @@ def status(state: State, as_json: bool) -> None:
     click.echo(f"{'SOURCE':<24} {'TYPE':<10} CHECKPOINT / LAG")
     for name, info in sources.items():
         extra = " ".join(f"{k}={v}" for k, v in info.items() if k not in ("type", "checkpoint"))
-        click.echo(f"{name[:24]:<24} {info['type']:<10} {info['checkpoint']} {extra}".rstrip())
+        click.echo(scrub(f"{name[:24]:<24} {info['type']:<10} {info['checkpoint']} "
+                         f"{extra}".rstrip()))
+
+
+# What a driver's error text says when the database is not there at all.
+_UNREACHABLE = (("connection refused", "connection refused"),
+                ("timed out", "timed out"), ("timeout", "timed out"),
+                ("no route to host", "no route to host"),
+                ("network is unreachable", "network is unreachable"))
+
+
+def _probe_failure(exc: BaseException) -> str:
+    """Why a source's status probe failed, in words (as `run` says it), masked."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    lowered = text.lower()
+    for words, reason in _UNREACHABLE:
+        if words in lowered:
+            return f"unreachable: {reason}"
+    return "unavailable: " + scrub(first)
 
 
 def _config_or_fail(state: State) -> config_mod.Config:
@@ -391,7 +419,15 @@ def build(plugins: plugins_mod.Plugins) -> click.Group:
     return cli
 
 
+def _scrubbed_excepthook(kind: type[BaseException], exc: BaseException,
+                         tb: TracebackType | None) -> None:
+    # A bug's traceback may quote a driver's error text: known secrets out of it too.
+    text = "".join(traceback.format_exception(kind, exc, tb))
+    sys.stderr.write(masking.scrub(text))
+
+
 def main(argv: list[str] | None = None) -> None:
+    sys.excepthook = _scrubbed_excepthook
     # Loading plugins may warn before --log-format is parsed: those lines go to
     # stderr like every other, never into a command's stdout.
     logs.setup()

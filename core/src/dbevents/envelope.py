@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -75,7 +75,7 @@ def dumps(obj: Any) -> bytes:
     """Valid JSON whatever the database handed over: strings that are not valid
     UTF-8 (lone surrogates from a json column's escapes) are written as JSON
     \\u escapes, and NaN/Infinity (not JSON) as the strings "NaN", "Infinity"."""
-    _raw.found = found = []
+    _raw.found = found = cast(list[str], [])
     try:
         text = _encoder.encode(obj)
         if found:

@@ -18,14 +18,22 @@ def demo_until(folder: Path, out: Path, done: Callable[[str], bool],
                limit: float = 300) -> str:
     """Run `dbevents demo` until its output satisfies ``done``, then stop it the
     way a user does (Ctrl-C) and return its whole output. Not on a timer: under
-    load the `dbevents run` child can take many seconds just to start."""
+    load the `dbevents run` child can take many seconds just to start.
+
+    Ctrl-C in a terminal sends SIGINT to the whole foreground process group, so
+    the demo runs in a group of its own and the signal goes to that group. One
+    Ctrl-C must give one graceful stop: the `run` child drains (no "second
+    signal"), and nothing prints a traceback or an error block."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("DBEVENTS_CONFIG", None)
+    run_log = folder / "dbevents.log"
+    log_start = run_log.stat().st_size if run_log.exists() else 0
     with out.open("w") as sink:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dbevents.cli", "demo", "--dir", str(folder),
              "--every", "0.4"],
-            stdout=sink, stderr=subprocess.STDOUT, text=True, env=env)
+            stdout=sink, stderr=subprocess.STDOUT, text=True, env=env,
+            start_new_session=True)
     try:
         deadline = time.monotonic() + limit
         while not done(_complete(out)):
@@ -34,7 +42,7 @@ def demo_until(folder: Path, out: Path, done: Callable[[str], bool],
             time.sleep(0.2)
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # Ctrl-C
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         try:
             code = proc.wait(120)
         except subprocess.TimeoutExpired:
@@ -43,6 +51,16 @@ def demo_until(folder: Path, out: Path, done: Callable[[str], bool],
             raise
     text = out.read_text()
     assert code == 0, text
+    for bad in ("Traceback", "Exception ignored", "ERROR", "WARNING", "KeyboardInterrupt"):
+        assert bad not in text, text
+    assert text.rstrip().endswith("events list"), text  # the demo's own goodbye
+    with run_log.open("rb") as f:
+        f.seek(log_start)
+        run_lines = [json.loads(line) for line in f.read().decode().splitlines()]
+    said = [line["event"] for line in run_lines]
+    assert sum(e.startswith("stopping:") for e in said) == 1, said
+    assert not any("second signal" in e for e in said), said
+    assert all(line["level"] not in ("error", "critical") for line in run_lines), run_lines
     return text
 
 

@@ -91,7 +91,11 @@ async def _main(folder: Path, every: float, duration: float | None) -> int:
         with log_path.open("ab") as log:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "dbevents.cli", "--config", str(config),
-                "--log-format", "json", "run", stdout=log, stderr=log)
+                "--log-format", "json", "run", stdout=log, stderr=log,
+                # Its own session: a terminal's Ctrl-C goes to the whole foreground
+                # process group, and the child must get only the one SIGTERM sent
+                # below, or it takes the second signal as "exit now" and never drains.
+                start_new_session=True)
         click.echo(f"dbevents run started (pid {proc.pid}); changing the users table every "
                    f"{every:g} s. Ctrl-C to stop.\n")
         writer = asyncio.create_task(workload.run(uri, every))

