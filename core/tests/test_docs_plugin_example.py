@@ -98,3 +98,14 @@ def test_the_example_keeps_updates_it_cannot_judge() -> None:
                     operation=Operation.UPDATE, key="k", time=datetime.now(UTC),
                     doc_id="1", doc={"id": 1, "email": "a@x"})
     assert m.matches(no_old, opts) is True
+
+
+def _in_process_test() -> object:
+    code = _block_after("### Your plugin in-process")
+    code = code.replace("import dbevents_match_changed.matcher as matcher_module\n", "")
+    namespace: dict[str, object] = {"matcher_module": matcher_example}
+    exec(compile(code, str(DOC), "exec"), namespace)
+    return namespace["test_only_email_changes_are_delivered"]
+
+
+test_docs_in_process_engine_run = _in_process_test()
