@@ -37,7 +37,7 @@ from dbevents.testing.memory import (
     database,
     reset,
 )
-from dbevents.testing.plugins import isolated_plugins
+from dbevents.testing.plugins import isolated_plugins, parse_config, running
 
 __all__ = [
     "DELIVERIES",
@@ -53,5 +53,7 @@ __all__ = [
     "database",
     "isolated_plugins",
     "make_event",
+    "parse_config",
     "reset",
+    "running",
 ]
