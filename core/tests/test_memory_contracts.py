@@ -18,7 +18,7 @@ from dbevents.testing import (
     database,
     reset,
 )
-from dbevents.testing.memory import MemorySinkOptions
+from dbevents.testing.memory import MemorySinkOptions, MemorySourceOptions
 from dbevents.values import Trigger
 
 
@@ -39,13 +39,22 @@ class TestMemoryStore(StoreContract):
 
 
 class _Env:
-    def make_source(self) -> MemorySource:
-        return MemorySource(SourceSettings(name="app", url="memory://db", options=None))
+    def __init__(self) -> None:
+        self.written = 0
+
+    def make_source(self, batch_size: int | None = None) -> MemorySource:
+        options = None if batch_size is None else MemorySourceOptions(chunk=batch_size)
+        return MemorySource(SourceSettings(name="app", url="memory://db", options=options))
 
     async def write(self, n: int) -> None:
         db = database("db")
-        for i in range(n):
-            db.commit(("users", "insert", str(i), {"id": i}))
+        for _ in range(n):
+            self.written += 1
+            db.commit(("users", "insert", str(self.written), {"id": self.written}))
+
+    async def update_and_delete(self) -> None:
+        database("db").commit(("users", "update", "1", {"id": 1, "v": 2}, {"id": 1}),
+                              ("users", "delete", "2", {"id": 2}))
 
 
 class TestMemorySource(SourceContract):

@@ -4,14 +4,29 @@
 
     class TestMyStore(StoreContract):
         @pytest.fixture
-        async def store(self, tmp_path):
-            s = MyStore(StoreSettings(url=...))
-            await s.open()
-            yield s
-            await s.close()
+        async def open_store(self, tmp_path):
+            opened = []
+
+            async def open_(role="worker"):
+                s = MyStore(StoreSettings(url=f"mystore://{tmp_path}/db", role=role))
+                await s.open()
+                opened.append(s)
+                return s
+
+            yield open_
+            for s in opened:
+                await s.close()
+
+The suites need pytest and pytest-asyncio in auto mode: ``dbevents[testing]``.
 """
 
-from dbevents.testing.contracts import SinkContract, SourceContract, StoreContract, make_event
+from dbevents.testing.contracts import (
+    MatcherContract,
+    SinkContract,
+    SourceContract,
+    StoreContract,
+    make_event,
+)
 from dbevents.testing.memory import (
     DELIVERIES,
     MemoryDatabase,
@@ -22,10 +37,11 @@ from dbevents.testing.memory import (
     database,
     reset,
 )
-from dbevents.testing.plugins import isolated_plugins
+from dbevents.testing.plugins import isolated_plugins, parse_config, running
 
 __all__ = [
     "DELIVERIES",
+    "MatcherContract",
     "MemoryDatabase",
     "MemoryPlugin",
     "MemorySink",
@@ -37,5 +53,7 @@ __all__ = [
     "database",
     "isolated_plugins",
     "make_event",
+    "parse_config",
     "reset",
+    "running",
 ]

@@ -1,25 +1,47 @@
 """Contract suites every plugin's tests subclass. Each suite states, as tests,
 what the engine relies on; a plugin that passes them keeps the guarantees.
 
-The suites use pytest with pytest-asyncio (asyncio_mode = "auto" or strict with
-the marks below).
+The suites use pytest with pytest-asyncio in auto mode (``asyncio_mode = "auto"``
+under ``[tool.pytest.ini_options]``); ``pip install "dbevents[testing]"`` installs
+both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import pytest
 
 from dbevents.envelope import dumps
-from dbevents.protocols import EventFilter, Sink, Source, SourceSettings, Store, status_probe
-from dbevents.values import Attempt, Change, Event, Finish, Position, Status, Trigger
+from dbevents.plugins import Plugins
+from dbevents.protocols import (
+    EventFilter,
+    Sink,
+    Source,
+    SourceSettings,
+    Store,
+    options_class,
+    status_probe,
+)
+from dbevents.testing.plugins import isolated_plugins
+from dbevents.values import (
+    Attempt,
+    Change,
+    ChangeBatch,
+    Event,
+    Finish,
+    Operation,
+    Position,
+    Status,
+    Trigger,
+)
 
 
 def make_event(trigger: str = "t", doc_id: str | None = "1", n: int = 0,
@@ -259,31 +281,62 @@ class StoreContract:
 class SourceContract:
     """Subclass and provide ``source_env``: an object with
 
-    - ``make_source() -> Source``: a new, unstarted source on the test database;
+    - ``make_source(batch_size: int | None = None) -> Source``: a new, unstarted
+      source on the test database; with ``batch_size``, one that hands out at most
+      that many changes per batch (so one transaction spans several batches);
     - ``async write(n) -> None``: commit ``n`` single-row inserts, each in its own
-      transaction, to a table the source watches.
+      transaction, to a table the source watches (new rows every call);
+    - ``async update_and_delete() -> None``: in ONE transaction, update the first
+      row ``write`` inserted and then delete the second, on a table set up so the
+      update reports the row before it (``old``).
+
+    Set ``RESUMES_INSIDE_A_TRANSACTION = True`` when every change is a resume point
+    (MongoDB's resume tokens); otherwise a batch that ends inside a transaction
+    must carry no checkpoint.
     """
 
     TIMEOUT = 20.0
+    RESUMES_INSIDE_A_TRANSACTION = False
 
-    async def _read(self, source: Source, since: Position | None, n: int
-                    ) -> tuple[list[Change], list[Position]]:
-        changes: list[Change] = []
-        checkpoints: list[Position] = []
-        it = source.changes(since).__aiter__()
+    async def _pull(self, it: AsyncIterator[ChangeBatch], n: int) -> list[ChangeBatch]:
+        """Batches from ``it`` until ``n`` changes came and a checkpoint after them."""
+        batches: list[ChangeBatch] = []
 
         async def pull() -> None:
+            count = 0
             while True:
                 batch = await it.__anext__()
-                changes.extend(batch.changes)
-                if batch.checkpoint is not None:
-                    checkpoints.append(batch.checkpoint)
-                if len(changes) >= n and batch.checkpoint is not None:
+                batches.append(batch)
+                count += len(batch.changes)
+                if count >= n and batch.checkpoint is not None:
                     return
 
         await asyncio.wait_for(pull(), self.TIMEOUT)
-        await it.aclose()  # type: ignore[attr-defined]
-        return changes, checkpoints
+        return batches
+
+    async def _batches(self, source: Source, since: Position | None, n: int
+                       ) -> list[ChangeBatch]:
+        it = source.changes(since).__aiter__()
+        try:
+            return await self._pull(it, n)
+        finally:
+            await it.aclose()  # type: ignore[attr-defined]
+
+    async def _read(self, source: Source, since: Position | None, n: int
+                    ) -> tuple[list[Change], list[Position]]:
+        batches = await self._batches(source, since, n)
+        changes = [c for b in batches for c in b.changes]
+        return changes, [b.checkpoint for b in batches if b.checkpoint is not None]
+
+    async def _read_fresh(self, source_env: Any, since: Position | None, n: int
+                          ) -> list[Change]:
+        source = source_env.make_source()
+        await source.start()
+        try:
+            changes, _ = await self._read(source, since, n)
+        finally:
+            await source.close()
+        return changes
 
     @pytest.fixture
     async def started(self, source_env: Any) -> AsyncIterator[Source]:
@@ -302,34 +355,80 @@ class SourceContract:
         assert all(c.time.tzinfo is not None for c in changes)
         assert [c.operation.value for c in changes] == ["insert"] * 5
         assert type(started).db_type == changes[0].db_type
+        # Each insert names its row (docId, the unit of per-row order) and carries it.
+        assert all(c.doc_id is not None and c.doc for c in changes)
+        assert len({c.doc_id for c in changes}) == 5
 
-    async def test_replay_from_a_checkpoint_gives_the_same_keys(
-            self, source_env: Any, started: Source) -> None:
-        await source_env.write(3)
-        first, cps = await self._read(started, None, 3)
-        await started.confirm(cps[-1])
-        await started.close()
+    async def test_update_and_delete_name_their_rows(self, source_env: Any,
+                                                     started: Source) -> None:
         await source_env.write(2)
-        again = source_env.make_source()
-        await again.start()
+        await source_env.update_and_delete()
+        changes, _ = await self._read(started, None, 4)
+        assert [c.operation for c in changes] == [Operation.INSERT, Operation.INSERT,
+                                                  Operation.UPDATE, Operation.DELETE]
+        first, second, update, delete = changes
+        assert (update.doc_id, delete.doc_id) == (first.doc_id, second.doc_id)
+        assert len({c.key for c in changes}) == 4
+        # An update carries the new row and, beside it, the row before it ("old").
+        assert update.doc and update.doc != first.doc
+        assert isinstance(update.extra.get("old"), Mapping)
+        # A delete's document is the old row (or its key): never an "old" beside it.
+        assert delete.doc and "old" not in delete.extra
+
+    async def test_no_checkpoint_where_reading_cannot_resume(self, source_env: Any) -> None:
+        source = source_env.make_source(batch_size=1)
+        await source.start()
         try:
-            later, _ = await self._read(again, cps[-1], 2)
+            await source_env.write(2)
+            await source_env.update_and_delete()
+            batches = await self._batches(source, None, 4)
         finally:
-            await again.close()
-        assert len(later) >= 2
-        assert not {c.key for c in later} & {c.key for c in first}  # nothing before
+            await source.close()
+        changes = [c for b in batches for c in b.changes]
+        assert [c.operation for c in changes] == [Operation.INSERT, Operation.INSERT,
+                                                  Operation.UPDATE, Operation.DELETE]
+        assert max(len(b.changes) for b in batches) == 1  # batch_size is honoured
+        [at_update] = [b for b in batches if b.changes and b.changes[-1] is changes[2]]
+        if self.RESUMES_INSIDE_A_TRANSACTION:
+            # The checkpoint between the update and the delete must resume at the delete.
+            assert at_update.checkpoint is not None
+            later = await self._read_fresh(source_env, at_update.checkpoint, 1)
+            assert [c.key for c in later] == [changes[3].key]
+        else:
+            # Resuming there would skip the rest of the transaction: no checkpoint.
+            assert at_update.checkpoint is None
+
+    async def test_replay_from_a_checkpoint_gives_the_same_keys(self, source_env: Any,
+                                                                started: Source) -> None:
+        await source_env.write(1)
+        it = started.changes(None).__aiter__()
+        try:
+            head = await self._pull(it, 1)
+            checkpoint = head[-1].checkpoint  # just after the first insert
+            assert checkpoint is not None
+            await source_env.write(2)
+            tail = await self._pull(it, 2)
+        finally:
+            await it.aclose()  # type: ignore[attr-defined]
+        await started.confirm(checkpoint)  # as the engine does once it is stored
+        await started.close()
+        keys = [c.key for b in head + tail for c in b.changes]
+        assert len(keys) == 3
+        await source_env.write(2)
+        # A crash after that checkpoint was stored: the next run reads on from it,
+        # and the changes after it come again with the same keys (the same event
+        # ids, so the store drops the duplicates), then the new ones.
+        later = await self._read_fresh(source_env, checkpoint, 4)
+        assert [c.key for c in later[:2]] == keys[1:3]
+        assert len({c.key for c in later[:4]}) == 4
+        assert keys[0] not in {c.key for c in later}
 
     async def test_unconfirmed_changes_are_read_again(self, source_env: Any,
                                                       started: Source) -> None:
         await source_env.write(3)
         first, _ = await self._read(started, None, 3)
         await started.close()
-        again = source_env.make_source()
-        await again.start()
-        try:
-            second, _ = await self._read(again, None, 3)
-        finally:
-            await again.close()
+        second = await self._read_fresh(source_env, None, 3)
         assert [c.key for c in second[:3]] == [c.key for c in first[:3]]
 
     async def test_status_probe_gives_a_mapping(self, started: Source) -> None:
@@ -338,14 +437,42 @@ class SourceContract:
         if probe is not None and isinstance(settings, SourceSettings):
             assert isinstance(await probe(settings), Mapping)
 
+    async def test_close_while_reading_lets_the_next_source_in(self, source_env: Any,
+                                                               started: Source) -> None:
+        # The engine closes a source whose iterator is still open (at shutdown);
+        # the database must be free for the next run at once (e.g. a replication
+        # slot no longer active).
+        await source_env.write(1)
+        it = started.changes(None).__aiter__()
+        got: list[Change] = []
+        while not got:
+            got.extend((await asyncio.wait_for(it.__anext__(), self.TIMEOUT)).changes)
+        await started.close()
+        with contextlib.suppress(Exception):
+            await it.aclose()  # type: ignore[attr-defined]
+        await started.close()  # twice is fine
+        again = await self._read_fresh(source_env, None, 1)
+        assert again[0].key == got[0].key
+
+    async def test_close_before_start_is_fine(self, source_env: Any) -> None:
+        await source_env.make_source().close()
+
 
 class SinkContract:
-    """Subclass and provide ``sink`` (opened) and ``ok_trigger`` / ``failing_trigger``
-    fixtures: triggers aimed at a receiver that accepts / rejects everything."""
+    """Subclass and provide ``sink`` (opened; the fixture closes it afterwards) and
+    ``ok_trigger`` / ``failing_trigger`` fixtures: triggers aimed at a receiver that
+    accepts / rejects everything. A sink that talks to something that can stop
+    answering also overrides ``silent_trigger``: a trigger aimed at a receiver that
+    takes the request and never answers, with a short ``timeout``."""
+
+    @pytest.fixture
+    def silent_trigger(self) -> Trigger | None:
+        return None
 
     async def test_one_outcome_per_event(self, sink: Sink, ok_trigger: Trigger) -> None:
         evs = [make_event(trigger=ok_trigger.name, doc_id=str(i)) for i in range(3)]
         size = sink.batch_size(ok_trigger)
+        assert size >= 1
         outcomes = []
         for i in range(0, len(evs), size):
             outcomes += list(await sink.deliver(ok_trigger, evs[i:i + size]))
@@ -357,3 +484,112 @@ class SinkContract:
         ev = make_event(trigger=failing_trigger.name)
         [outcome] = await sink.deliver(failing_trigger, [ev])
         assert not outcome.ok and outcome.error
+
+    async def test_a_batch_has_an_outcome_per_event_sharing_one_request(
+            self, sink: Sink, ok_trigger: Trigger, failing_trigger: Trigger) -> None:
+        n = min(sink.batch_size(ok_trigger), 3)
+        if n < 2:
+            pytest.skip("the sink sends one event per delivery for ok_trigger")
+        evs = [make_event(trigger=ok_trigger.name, doc_id=str(i)) for i in range(n)]
+        outcomes = list(await sink.deliver(ok_trigger, evs))
+        assert len(outcomes) == n and all(o.ok for o in outcomes)
+        # The log rebuilds the request from the events sharing its request_id.
+        assert all(o.batch_size == n for o in outcomes)
+        assert len({o.request_id for o in outcomes}) == 1 and outcomes[0].request_id
+        m = max(1, min(sink.batch_size(failing_trigger), 3))
+        bad = [make_event(trigger=failing_trigger.name, doc_id=str(i)) for i in range(m)]
+        failed = list(await sink.deliver(failing_trigger, bad))
+        assert len(failed) == m and not any(o.ok for o in failed)
+
+    async def test_a_receiver_that_never_answers_is_a_failed_outcome(
+            self, sink: Sink, silent_trigger: Trigger | None) -> None:
+        if silent_trigger is None:
+            pytest.skip("no silent_trigger: nothing this sink talks to can hang")
+        ev = make_event(trigger=silent_trigger.name)
+        # The bound only keeps a hanging sink from hanging the suite.
+        [outcome] = await asyncio.wait_for(sink.deliver(silent_trigger, [ev]),
+                                           silent_trigger.timeout / 1000 * 10 + 30)
+        assert not outcome.ok and outcome.error and "timeout" in outcome.error.lower()
+        assert not outcome.give_up  # worth retrying
+
+    async def test_close_after_use_twice_and_unused(self, sink: Sink,
+                                                    ok_trigger: Trigger) -> None:
+        [outcome] = await sink.deliver(ok_trigger, [make_event(trigger=ok_trigger.name)])
+        assert outcome.ok
+        await sink.close()
+        await sink.close()  # the fixture closes it once more: closing twice is fine
+        unused = type(sink)()
+        await unused.open()
+        await unused.close()
+
+
+class MatcherContract:
+    """Subclass and provide:
+
+    - ``matcher_plugin``: the plugin object (module or instance) whose
+      ``register_matchers`` hook registers the matcher;
+    - ``matcher_name``: the name it registers;
+    - ``trigger_keys``: the trigger keys it adds, as they appear in the TOML
+      (a dict, e.g. ``{"statuses": ["paid"]}``);
+    - ``matching`` / ``not_matching``: a Change those keys take / reject.
+    """
+
+    @pytest.fixture
+    def plugins(self, matcher_plugin: object) -> Plugins:
+        return isolated_plugins(("matcher-under-test", matcher_plugin))
+
+    def _config(self, plugins: Plugins, keys: Mapping[str, Any]) -> Any:
+        from dbevents import config as cfg
+
+        raw = {"eventing": {"store": "memory://matcher-contract"},
+               "databases": {"app": {"type": "memory", "url": "memory://matcher-contract"}},
+               "triggers": [{"name": "narrowed", "url": "http://unused", "sink": "memory",
+                             **keys},
+                            {"name": "plain", "url": "http://unused", "sink": "memory"}]}
+        return cfg.parse(raw, plugins, {})
+
+    def test_registered_by_name_as_a_class_with_attrs_options(
+            self, plugins: Plugins, matcher_name: str) -> None:
+        cls = plugins.get("matcher", matcher_name)
+        assert isinstance(cls, type)  # the engine makes one instance: cls()
+        options = options_class(cls)
+        assert options is not None and attrs.has(options)
+        assert callable(cls().matches)
+
+    def test_keys_parse_into_its_options(self, plugins: Plugins, matcher_name: str,
+                                         trigger_keys: Mapping[str, Any]) -> None:
+        narrowed, plain = self._config(plugins, trigger_keys).triggers
+        options = narrowed.matcher_options[matcher_name]
+        assert isinstance(options, cast(type, options_class(plugins.get("matcher", matcher_name))))
+        assert plain.matcher_options == {}  # keys not set: the matcher is never asked
+
+    def test_it_narrows_only_triggers_that_set_its_keys(
+            self, plugins: Plugins, trigger_keys: Mapping[str, Any],
+            matching: Change, not_matching: Change) -> None:
+        from dbevents.matching import TriggerMatcher
+
+        triggers = self._config(plugins, trigger_keys).triggers
+        instances = {n: plugins.get("matcher", n)() for n in plugins.names("matcher")}
+        m = TriggerMatcher(triggers, instances)
+        assert [t.name for t in m.match(matching)] == ["narrowed", "plain"]
+        assert [t.name for t in m.match(not_matching)] == ["plain"]
+
+    def test_answers_a_bool_and_the_same_every_time(
+            self, plugins: Plugins, matcher_name: str, trigger_keys: Mapping[str, Any],
+            matching: Change, not_matching: Change) -> None:
+        narrowed = self._config(plugins, trigger_keys).triggers[0]
+        options = narrowed.matcher_options[matcher_name]
+        matcher = plugins.get("matcher", matcher_name)()
+        assert [matcher.matches(matching, options) for _ in range(2)] == [True, True]
+        assert [matcher.matches(not_matching, options) for _ in range(2)] == [False, False]
+
+    def test_changes_without_a_document_do_not_raise(
+            self, plugins: Plugins, matcher_name: str, trigger_keys: Mapping[str, Any],
+            matching: Change) -> None:
+        # A TRUNCATE has no row, and a delete may carry only the key.
+        narrowed = self._config(plugins, trigger_keys).triggers[0]
+        options = narrowed.matcher_options[matcher_name]
+        matcher = plugins.get("matcher", matcher_name)()
+        for op in (Operation.TRUNCATE, Operation.DELETE):
+            bare = attrs.evolve(matching, operation=op, doc=None, doc_id=None)
+            assert isinstance(matcher.matches(bare, options), bool)

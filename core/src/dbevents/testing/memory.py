@@ -38,16 +38,25 @@ from dbevents.values import (
 class MemoryDatabase:
     """A committed-transaction log, like a WAL: each transaction is a list of
     (table, operation, doc_id, doc). ``confirmed`` is what the reader confirmed;
-    like a replication slot, the log before it is gone for readers."""
+    like a replication slot, the log before it is gone for readers. An update's
+    row before it, when given, is kept in ``olds`` under (transaction, index)."""
 
     transactions: list[list[tuple[str, Operation, str | None, dict[str, Any] | None]]] = \
         attrs.field(factory=list)
     confirmed: int = 0  # transactions [0, confirmed) are forgotten
     times: list[datetime] = attrs.field(factory=list)
+    olds: dict[tuple[int, int], dict[str, Any]] = attrs.field(factory=dict)
     _changed: asyncio.Event | None = None
 
-    def commit(self, *changes: tuple[str, str, str | None, dict[str, Any] | None]) -> int:
-        self.transactions.append([(t, Operation(op), d, doc) for t, op, d, doc in changes])
+    def commit(self, *changes: tuple[str, str, str | None, dict[str, Any] | None]
+               | tuple[str, str, str | None, dict[str, Any] | None, dict[str, Any]]) -> int:
+        """Each change is (table, operation, doc_id, doc), or for an update with its
+        old row, (table, operation, doc_id, doc, old)."""
+        txn = len(self.transactions)
+        self.transactions.append([(c[0], Operation(c[1]), c[2], c[3]) for c in changes])
+        for i, c in enumerate(changes):
+            if len(c) == 5:
+                self.olds[(txn, i)] = c[4]
         self.times.append(datetime.now(UTC))
         if self._changed is not None:
             self._changed.set()
@@ -98,6 +107,8 @@ class MemorySource:
                         database=self.settings.name, db_type=self.db_type, table=table,
                         operation=op, key=f"{txn}:{i}", time=self.db.times[txn],
                         doc_id=doc_id, doc=doc,
+                        extra={"old": self.db.olds[(txn, i)]} if (txn, i) in self.db.olds
+                        else {},
                     )
                     for i, (table, op, doc_id, doc) in enumerate(rows)
                 ]

@@ -60,6 +60,11 @@ class TestWebhookSinkContract(SinkContract):
         receiver.script("/fail", 500)
         return Trigger(name="fail", url=receiver.url("/fail"), timeout=2000)
 
+    @pytest.fixture
+    def silent_trigger(self, receiver: ThreadedReceiver) -> Trigger:
+        receiver.script("/silent", Reply(delay=3600.0))  # takes the request, never answers
+        return Trigger(name="silent", url=receiver.url("/silent"), timeout=300)
+
 
 class TestWebhookSinkContractBatched(TestWebhookSinkContract):
     @pytest.fixture

@@ -336,15 +336,35 @@ class _RealEnv:
         # beginning" the same moment for every fresh source.
         self.start_at = real.server_now_iso()
 
-    def make_source(self) -> MongoSource:
-        return self.real.source(start_at=self.start_at)
+    def make_source(self, batch_size: int | None = None) -> MongoSource:
+        more = {} if batch_size is None else {"batch_size": batch_size}
+        return self.real.source(start_at=self.start_at,
+                                full_document_before_change="whenAvailable", **more)
 
     async def write(self, n: int) -> None:
         for i in range(n):
             await self.real.db.orders.insert_one({"n": i})
 
+    async def update_and_delete(self) -> None:
+        orders = self.real.db.orders
+        first, second = [d["_id"] async for d in orders.find({}, sort=[("_id", 1)], limit=2)]
+
+        async def txn(session: Any) -> None:
+            await orders.update_one({"_id": first}, {"$set": {"n": -1}}, session=session)
+            await orders.delete_one({"_id": second}, session=session)
+
+        async with self.real.client.start_session() as session:
+            await session.with_transaction(txn)
+
 
 class TestRealMongoSourceContract(SourceContract):
+    RESUMES_INSIDE_A_TRANSACTION = True  # every event's resume token is a resume point
+
     @pytest.fixture
-    def source_env(self, real: RealDb) -> _RealEnv:
+    async def source_env(self, real: RealDb) -> _RealEnv:
+        if int(real.hello.get("maxWireVersion", 0)) < 17:
+            pytest.skip("an update's old document needs pre-images: MongoDB 6.0+")
+        # Pre-images on, so an update carries the document before it ("old").
+        await real.db.command("collMod", "orders",
+                              changeStreamPreAndPostImages={"enabled": True})
         return _RealEnv(real)

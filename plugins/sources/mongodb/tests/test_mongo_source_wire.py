@@ -562,16 +562,30 @@ class _Env:
         # beginning" the same moment for every fresh source, as the contract expects.
         self.start_at = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
 
-    def make_source(self) -> MongoSource:
+        self.written: list[dict[str, Any]] = []
+        # Pre-images on, so an update carries the document before it ("old").
+        fake.collections[0]["options"] = {"changeStreamPreAndPostImages": {"enabled": True}}
+
+    def make_source(self, batch_size: int | None = None) -> MongoSource:
+        more = {} if batch_size is None else {"batch_size": batch_size}
         return MongoSource(SourceSettings(
-            name="shop", url=self.fake.url(), options=MongoOptions(start_at=self.start_at)))
+            name="shop", url=self.fake.url(),
+            options=MongoOptions(start_at=self.start_at,
+                                 full_document_before_change="whenAvailable", **more)))
 
     async def write(self, n: int) -> None:
-        self.fake.write_orders(n)
+        self.written += [e["fullDocument"] for e in self.fake.write_orders(n)]
+
+    async def update_and_delete(self) -> None:
+        # A transaction's events are consecutive in the stream, each with its token.
+        first, second = self.written[:2]
+        self.fake.update({**first, "n": -1}, {"n": -1}, [], before=first)
+        self.fake.delete(second["_id"], before=second)
 
 
 class TestMongoSourceContract(SourceContract):
     TIMEOUT = 10.0
+    RESUMES_INSIDE_A_TRANSACTION = True  # every event's resume token is a resume point
 
     @pytest.fixture
     def source_env(self, fake: FakeReplicaSet) -> _Env:

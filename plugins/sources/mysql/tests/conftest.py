@@ -85,6 +85,23 @@ class MysqlEnv:
                 conn.close()
         await asyncio.to_thread(run)
 
+    async def update_and_delete(self) -> None:
+        """In one transaction: update the first row ``write`` inserted, delete the
+        second (the server logs full row images, so the update carries ``old``)."""
+        def run() -> None:
+            conn = self.server.connect(self.database)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT id FROM items ORDER BY id LIMIT 2")
+                    first, second = (row[0] for row in cur.fetchall())
+                    cur.execute("BEGIN")
+                    cur.execute("UPDATE items SET name = 'renamed' WHERE id = %s", (first,))
+                    cur.execute("DELETE FROM items WHERE id = %s", (second,))
+                    cur.execute("COMMIT")
+            finally:
+                conn.close()
+        await asyncio.to_thread(run)
+
 
 @pytest.fixture
 async def mysql_env(mariadb_server: MariaDBServer,
