@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import select
 import statistics
 import sys
 import time
