@@ -10,18 +10,22 @@ share one event loop) and answers every POST with an empty 200. Against it, with
 the same concurrency and connection pool settings:
 
   (a)  the raw ceiling: a bare aiohttp client POSTing N pre-built JSON payloads;
+  (a:NAME) the same with every other bare client installed (bench/http_clients.py:
+       pyreqwest, rnet, httpr, curl-cffi, pycurl, aiohttp on uvloop); the
+       ceiling the targets use is the fastest of (a) and these;
   (b)  the core Dispatcher + WebhookSink delivering N events from
        dbevents.testing.MemoryStore, one event per POST;
   (c)  the same with batch_size = 100;
   (s)  the sink alone: WebhookSink.deliver called in plain loops, one event per
        call, no dispatcher or store (what the sink adds to (a); (b) adds the
-       dispatcher and the store on top).
+       dispatcher and the store on top);
+  (sp), (bp)  (s) and (b) with the sink's pyreqwest transport.
 
 MemoryStore keeps the store contract (per-row order, leases, retries) with
 indexes, so a claim costs O(events claimed): what is measured is the dispatcher
 and the sink, not a store's disk.
 
-Targets: (b) >= 0.9 x (a); (c) >= 50,000 events/s. Runs are interleaved in
+Targets: (b) >= 0.9 x the ceiling; (c) >= 50,000 events/s. Runs are interleaved in
 rounds after a warm-up round, so load from other processes hits them alike. Besides
 events/s, each run reports the CPU time this (client) process spent per event,
 which depends much less on what else the machine is doing.
@@ -45,6 +49,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -54,6 +59,9 @@ from dbevents import StoreSettings, Trigger
 from dbevents.dispatcher import Dispatcher
 from dbevents.testing import MemoryStore, make_event, reset
 from dbevents_sink_webhook import WebhookOptions, WebhookSink
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
+from bench import http_clients
 
 # Set by --profile: enabled only around the timed part of a run.
 PROFILER: cProfile.Profile | None = None
@@ -158,12 +166,21 @@ async def run_raw(url: str, n: int, concurrency: int) -> float:
         return n / elapsed()
 
 
-async def run_sink(url: str, n: int, concurrency: int) -> float:
+def run_client(client: str, url: str, n: int, concurrency: int) -> float:
+    """(a:NAME): the bare `client` POSTing the same payloads as (a); events/s."""
+    global LAST_CPU
+    payloads = [make_event(trigger="bench", doc_id=str(i), n=i).payload for i in range(n)]
+    rate, cpu_us = http_clients.measure(client, url, payloads, concurrency)
+    LAST_CPU = cpu_us * rate / 1e6
+    return rate
+
+
+async def run_sink(url: str, n: int, concurrency: int, transport: str = "aiohttp") -> float:
     """(s): WebhookSink.deliver called by `concurrency` plain loops, one event per
     call, no dispatcher or store: what the sink adds to (a)."""
     events = [make_event(trigger="bench", doc_id=str(i), n=i) for i in range(n)]
     trigger = Trigger(name="bench", url=url, concurrency=concurrency, timeout=5000)
-    sink = WebhookSink()
+    sink = WebhookSink(transport=transport)
     await sink.open()
     it = iter(events)
 
@@ -181,7 +198,8 @@ async def run_sink(url: str, n: int, concurrency: int) -> float:
     return n / elapsed()
 
 
-async def run_dispatcher(url: str, n: int, concurrency: int, batch_size: int) -> float:
+async def run_dispatcher(url: str, n: int, concurrency: int, batch_size: int,
+                         transport: str = "aiohttp") -> float:
     """(b)/(c): N events in a MemoryStore, delivered by the
     core Dispatcher through the WebhookSink; events/s from the dispatcher's start
     to the last finish."""
@@ -193,7 +211,7 @@ async def run_dispatcher(url: str, n: int, concurrency: int, batch_size: int) ->
     await store.enqueue(events, {})
     trigger = Trigger(name="bench", url=url, concurrency=concurrency, timeout=5000,
                       sink_options=WebhookOptions(batch_size=batch_size))
-    sink = WebhookSink()
+    sink = WebhookSink(transport=transport)
     await sink.open()
     dispatcher = Dispatcher(store, [trigger], {"webhook": sink})
     stop = asyncio.Event()
@@ -236,8 +254,9 @@ def main() -> int:
                         help="POSTs in flight (the trigger's `concurrency`)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", default="a,s,b,c",
-                        help="comma-separated runs to measure")
+    parser.add_argument("--only", default="a,a:*,s,sp,b,bp,c",
+                        help="comma-separated runs to measure (a:* = every other "
+                             "installed bare client)")
     parser.add_argument("--profile", choices=["a", "s", "b", "c"],
                         help="profile one run instead of measuring")
     parser.add_argument("--top", type=int, default=30)
@@ -262,6 +281,16 @@ def main() -> int:
                   lambda: run_dispatcher(url, n, conc, 1)),
             "c": (f"dispatcher + sink, MemoryStore, {size} events/POST, N={nb:,}",
                   lambda: run_dispatcher(url, nb, conc, size)),
+            "sp": (f"sink alone, pyreqwest, 1 event/POST, N={n:,}",
+                   lambda: run_sink(url, n, conc, "pyreqwest")),
+            "bp": (f"dispatcher + sink, pyreqwest, 1 event/POST, N={n:,}",
+                   lambda: run_dispatcher(url, n, conc, 1, "pyreqwest")),
+        }
+        # The other bare clients; each runs its own event loop (or none).
+        clients: dict[str, tuple[str, Callable[[], float]]] = {
+            f"a:{name}": (f"raw {name}, 1 event/POST, N={n:,}",
+                          lambda name=name: run_client(name, url, n, conc))  # type: ignore[misc]
+            for name in http_clients.installed() if name != "aiohttp"
         }
         if args.profile:
             profile(runs[args.profile][1], args.top, args.profile_out)
@@ -269,33 +298,44 @@ def main() -> int:
         print(f"receiver: aiohttp in its own process on {url}; concurrency {conc}; "
               f"best of {args.repeat} after a warm-up; {os.cpu_count()} CPUs", flush=True)
         keys = [k.strip() for k in args.only.split(",")]
+        if "a:*" in keys:
+            at = keys.index("a:*")
+            keys[at:at + 1] = list(clients)
+        labels = {**{k: v[0] for k, v in runs.items()}, **{k: v[0] for k, v in clients.items()}}
         seen: dict[str, list[tuple[float, float]]] = {k: [] for k in keys}
         # Rounds interleave the runs, so a neighbour's load on this machine hits
         # them alike; round 0 is a warm-up (imports, first connections).
         for round_ in range(args.repeat + 1):
             for key in keys:
-                rate = asyncio.run(runs[key][1]())
+                rate = (clients[key][1]() if key in clients
+                        else asyncio.run(runs[key][1]()))
                 if round_:
                     seen[key].append((rate, LAST_CPU))
                     print(f"  round {round_} ({key}): {rate:,.0f} events/s, "
                           f"client CPU {LAST_CPU:.0%}", flush=True)
         rates: dict[str, float] = {}
-        print(f"\n{'events/s':<64} {'best':>9} {'median':>9}  client CPU µs/event")
+        print(f"\n{'events/s':<65} {'best':>9} {'median':>9}  client CPU µs/event")
         for key in keys:
             rates[key] = max(r for r, _ in seen[key])
             median = statistics.median(r for r, _ in seen[key])
             # CPU time this process spent per event: what the client side costs,
             # whatever the neighbours on this machine were doing meanwhile.
             cost = statistics.median(cpu / r * 1e6 for r, cpu in seen[key])
-            print(f"({key}){' ' if len(key) == 1 else ''} {runs[key][0]:<58} "
+            print(f"{'(' + key + ')':<16} {labels[key]:<48} "
                   f"{rates[key]:>9,.0f} {median:>9,.0f}  {cost:>8,.1f}")
-    if "s" in rates and "a" in rates:
-        print(f"(s)/(a) = {rates['s'] / rates['a']:.3f}  (the sink alone, for reference)")
-    for key in ("b",):
-        if key in rates and "a" in rates:
-            ratio = rates[key] / rates["a"]
-            print(f"({key})/(a) = {ratio:.3f}  (target >= {TARGET_RATIO}): "
-                  f"{'met' if ratio >= TARGET_RATIO else 'MISSED'}")
+    bare = {k: r for k, r in rates.items() if k == "a" or k.startswith("a:")}
+    if bare:
+        top = max(bare, key=lambda k: bare[k])
+        ceiling = bare[top]
+        print(f"ceiling: ({top}) {ceiling:,.0f} events/s, the fastest bare client measured")
+        for key in ("s", "sp"):
+            if key in rates:
+                print(f"({key})/ceiling = {rates[key] / ceiling:.3f}  (for reference)")
+        for key in ("b", "bp"):
+            if key in rates:
+                ratio = rates[key] / ceiling
+                print(f"({key})/ceiling = {ratio:.3f}  (target >= {TARGET_RATIO}): "
+                      f"{'met' if ratio >= TARGET_RATIO else 'MISSED'}")
     for key in ("c",):
         if key in rates:
             print(f"({key}) = {rates[key] / TARGET_BATCH_RATE:.2f} x the "

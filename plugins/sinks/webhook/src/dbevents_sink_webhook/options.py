@@ -12,6 +12,10 @@ from dbevents_sink_webhook.signing import decode_secret
 
 MAX_BATCH_SIZE = 1000
 
+# The HTTP clients a trigger's requests can go through (docs/sink-webhook.md).
+TRANSPORTS = ("aiohttp", "pyreqwest")
+DEFAULT_TRANSPORT = "aiohttp"
+
 # Headers the sink sets itself; letting a user set them would break the body
 # framing or the signature.
 RESERVED_HEADERS = frozenset({
@@ -57,6 +61,11 @@ def _check_batch_size(_: Any, __: attrs.Attribute[Any], value: int) -> None:
         )
 
 
+def _check_transport(_: Any, __: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and value not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {value!r}")
+
+
 def _repr_secret(value: str | list[str] | None) -> str:
     return "None" if value is None else repr(MASK)
 
@@ -72,6 +81,8 @@ class WebhookOptions:
     ``headers``: static request headers (``${ENV}`` is interpolated by the core).
     ``secret``: one ``whsec_`` secret, or a list of them while rotating.
     ``batch_size``: events per POST; above 1 the body is a JSON array.
+    ``transport``: the HTTP client that sends the requests (``aiohttp`` or
+    ``pyreqwest``); unset means the sink's default (aiohttp).
     """
 
     headers: dict[str, str] = attrs.field(factory=dict, validator=_check_headers,
@@ -79,6 +90,7 @@ class WebhookOptions:
     secret: str | list[str] | None = attrs.field(default=None, validator=_check_secret,
                                                  repr=_repr_secret)
     batch_size: int = attrs.field(default=1, validator=_check_batch_size)
+    transport: str | None = attrs.field(default=None, validator=_check_transport)
 
     @property
     def secrets(self) -> list[str]:

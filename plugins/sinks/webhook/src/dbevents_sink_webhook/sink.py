@@ -13,8 +13,9 @@ import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 import aiohttp
 import attrs
@@ -23,13 +24,14 @@ from dbevents import Event, Outcome, Trigger, batch_body
 from dbevents.masking import MASK, mask_headers, mask_url
 from yarl import URL
 
+from dbevents_sink_webhook import native
 from dbevents_sink_webhook.classify import (
     RETRY_AFTER_STATUSES,
     decode_body,
     describe,
     parse_retry_after,
 )
-from dbevents_sink_webhook.options import WebhookOptions
+from dbevents_sink_webhook.options import DEFAULT_TRANSPORT, TRANSPORTS, WebhookOptions
 from dbevents_sink_webhook.signing import Signer, batch_id
 
 log = structlog.get_logger("dbevents.sink.webhook")
@@ -74,10 +76,15 @@ class _Plan:
     signer: Signer | None
     timeout: aiohttp.ClientTimeout
     masked_url: str
+    transport: str
+    url_text: str  # the URL as sent (percent-encoded)
+    where: str  # host:port, for error strings
+    deadline: timedelta  # the timeout, for pyreqwest
 
 
-def _plan(trigger: Trigger) -> _Plan:
+def _plan(trigger: Trigger, default_transport: str) -> _Plan:
     opts = options_of(trigger)
+    url = URL(trigger.url, encoded=False)
     batch = opts.batch_size > 1
     url = URL(trigger.url, encoded=False)
     headers = {"User-Agent": USER_AGENT, **opts.headers,
@@ -101,6 +108,10 @@ def _plan(trigger: Trigger) -> _Plan:
         # attempt must end at the configured timeout, so never round.
         timeout=aiohttp.ClientTimeout(total=trigger.timeout / 1000.0, ceil_threshold=math.inf),
         masked_url=mask_url(trigger.url),
+        transport=opts.transport or default_transport,
+        url_text=str(url),
+        where=f"{url.host}:{url.port}",
+        deadline=timedelta(milliseconds=trigger.timeout),
     )
 
 
@@ -129,13 +140,19 @@ class WebhookSink:
                 "header, and headers sets Authorization too; keep one of them")
 
     def __init__(self, *, limit: int = 1024, limit_per_host: int = 256,
-                 keepalive_timeout: float = 4.0) -> None:
+                 keepalive_timeout: float = 4.0, transport: str = DEFAULT_TRANSPORT) -> None:
         # keepalive_timeout below the 5 s default of Node.js servers: reusing a
         # connection the server is closing would fail an attempt for nothing.
         self.limit = limit
         self.limit_per_host = limit_per_host
         self.keepalive_timeout = keepalive_timeout
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, "
+                             f"got {transport!r}")
+        # For triggers that do not name a transport.
+        self.transport = transport
         self._session: aiohttp.ClientSession | None = None
+        self._native: Any = None  # pyreqwest Client, made on first use
         self._plans: dict[str, _Plan] = {}
 
     async def open(self) -> None:
@@ -153,6 +170,9 @@ class WebhookSink:
 
     async def close(self) -> None:
         session, self._session = self._session, None
+        client, self._native = self._native, None
+        if client is not None:
+            await client.close()
         if session is not None:
             await session.close()
 
@@ -165,7 +185,7 @@ class WebhookSink:
     def _plan_for(self, trigger: Trigger) -> _Plan:
         plan = self._plans.get(trigger.name)
         if plan is None or plan.trigger is not trigger:
-            plan = self._plans[trigger.name] = _plan(trigger)
+            plan = self._plans[trigger.name] = _plan(trigger, self.transport)
         return plan
 
     async def deliver(self, trigger: Trigger, events: Sequence[Event]) -> Sequence[Outcome]:
@@ -205,25 +225,19 @@ class WebhookSink:
                        "webhook-signature": signature}
             masked = {**masked, "webhook-id": msg_id, "webhook-timestamp": str(ts),
                       "webhook-signature": MASK}
-        status: int | None = None
+        got: list[int] = []  # the status, once its line has arrived
         try:
-            session = self._session
-            if session is None:
+            if self._session is None:
                 raise RuntimeError("the webhook sink is not open (open() was not called)")
-            async with session.post(plan.url, data=body, headers=headers,
-                                    timeout=plan.timeout, allow_redirects=False) as resp:
-                status = resp.status
-                content = resp.content
-                # Most receivers answer with an empty body: skip reading and decoding.
-                if content.at_eof():
-                    text = ""
-                else:
-                    raw = await _read_capped(content)
-                    text = decode_body(raw, resp.charset) if raw else ""
-                retry_after = (parse_retry_after(resp.headers.get("Retry-After"))
-                               if status in RETRY_AFTER_STATUSES else None)
+            if plan.transport == "pyreqwest":
+                status, text, retry_after = await self._send_native(plan, body, headers, got)
+            else:
+                status, text, retry_after = await self._send_aiohttp(plan, body, headers, got)
         except Exception as exc:
-            error = _scrub(describe(exc, plan.trigger.timeout), plan)
+            status = got[0] if got else None
+            error = _scrub(native.describe(exc, plan.trigger.timeout, plan.where, status)
+                           if plan.transport == "pyreqwest"
+                           else describe(exc, plan.trigger.timeout), plan)
             log.debug("webhook attempt failed", trigger=plan.trigger.name,
                       url=plan.masked_url, error=error, events=n)
             out = Outcome(ok=False, started_at=started_at,
@@ -244,6 +258,74 @@ class WebhookSink:
                       retry_after=retry_after, request_headers=masked, batch_size=n,
                       request_id=request_id)
         return [out] * n
+
+    async def _send_aiohttp(self, plan: _Plan, body: bytes, headers: Mapping[str, str],
+                            got: list[int]) -> tuple[int, str, float | None]:
+        session = self._session
+        assert session is not None
+        async with session.post(plan.url, data=body, headers=headers,
+                                timeout=plan.timeout, allow_redirects=False) as resp:
+            status = resp.status
+            got.append(status)
+            content = resp.content
+            # Most receivers answer with an empty body: skip reading and decoding.
+            if content.at_eof():
+                text = ""
+            else:
+                raw = await _read_capped(content)
+                text = decode_body(raw, resp.charset) if raw else ""
+            retry_after = (parse_retry_after(resp.headers.get("Retry-After"))
+                           if status in RETRY_AFTER_STATUSES else None)
+        return status, text, retry_after
+
+    async def _send_native(self, plan: _Plan, body: bytes, headers: Mapping[str, str],
+                           got: list[int]) -> tuple[int, str, float | None]:
+        client = self._native
+        if client is None:
+            client = self._native = native.client(limit=self.limit,
+                                                  keepalive_timeout=self.keepalive_timeout)
+        request = (client.post(plan.url_text).headers(dict(headers)).body_bytes(body)
+                   .timeout(plan.deadline).build_streamed())
+        async with request as resp:
+            status = resp.status
+            got.append(status)
+            resp_headers = resp.headers
+            if resp_headers.get("Content-Length") == "0":
+                text = ""
+            else:
+                raw = await _read_capped_native(resp.body_reader)
+                text = decode_body(raw, _charset(resp_headers.get("Content-Type"))) \
+                    if raw else ""
+            retry_after = (parse_retry_after(resp_headers.get("Retry-After"))
+                           if status in RETRY_AFTER_STATUSES else None)
+        return status, text, retry_after
+
+
+async def _read_capped_native(reader: Any) -> bytes:
+    """At most MAX_RESPONSE_BODY bytes of a pyreqwest response body."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < MAX_RESPONSE_BODY:
+        chunk = await reader.read(MAX_RESPONSE_BODY - size)
+        if chunk is None:
+            break
+        data = bytes(chunk)
+        if not data:
+            break
+        chunks.append(data)
+        size += len(data)
+    return b"".join(chunks)
+
+
+def _charset(content_type: str | None) -> str | None:
+    """The charset parameter of a Content-Type value, if any."""
+    if not content_type:
+        return None
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            return value.strip().strip('"') or None
+    return None
 
 
 async def _read_capped(content: aiohttp.StreamReader) -> bytes:
