@@ -29,6 +29,7 @@ from dbevents import (
     SourceSettings,
     SourceUnavailable,
 )
+from dbevents.backoff import Backoff
 from dbevents.masking import mask_dsn
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.change_stream import AsyncChangeStream
@@ -228,8 +229,7 @@ class MongoSource:
     async def _changes(self, since: Position | None) -> AsyncIterator[ChangeBatch]:
         self._token = position_token(since, self.settings.name) if since else None
         self._checkpointed = self._token
-        failures = 0
-        delay = BACKOFF_FIRST
+        backoff = Backoff(BACKOFF_FIRST, BACKOFF_MAX)
         while True:
             self._progressed = False
             try:
@@ -246,17 +246,16 @@ class MongoSource:
             except PyMongoError as exc:
                 error = exc
             if self._progressed:
-                failures, delay = 0, BACKOFF_FIRST
-            failures += 1
-            if failures > MAX_FAILURES:
+                backoff.reset()
+            if backoff.tries >= MAX_FAILURES:
                 raise SourceUnavailable(
                     f"MongoDB at {self.where} failed {MAX_FAILURES} reconnects in a row: "
                     f"{error}") from error
             self.reconnects += 1
+            delay = backoff.next()
             log.warning("change stream failed; reconnecting", database=self.settings.name,
-                        error=str(error), retry_in=delay, attempt=failures)
+                        error=str(error), retry_in=delay, attempt=backoff.tries)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
 
     async def _one_stream(self) -> AsyncIterator[ChangeBatch]:
         """One change stream from ``self._token``, until it ends (invalidate) or fails.

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import attrs
 import psycopg
 import structlog
+from dbevents.backoff import Backoff
 from dbevents.errors import SetupError, SourceUnavailable
 from dbevents.masking import mask_dsn
 from dbevents.protocols import SourceSettings
@@ -224,20 +225,21 @@ class PostgresSource:
         # handed out beyond it was not stored.
         self._confirmed = max(self._confirmed, resume)
         self._yielded = resume
-        delay = 0.25
+        backoff = Backoff(0.25, 10.0)
         failing_since: float | None = None
         while True:
             try:
                 stream = await self._open(resume)
             except (ConnectionLost, psycopg.OperationalError) as exc:
                 failing_since = failing_since or time.monotonic()
-                delay = await self._backoff(exc, delay, failing_since, resume)
+                await self._backoff(exc, backoff, failing_since, resume)
                 continue
             self._stream = stream
             try:
                 async with contextlib.aclosing(self._session(stream, resume)) as batches:
                     async for batch in batches:
-                        failing_since, delay = None, 0.25
+                        failing_since = None
+                        backoff.reset()
                         if batch.checkpoint is not None:
                             resume = parse_lsn(batch.checkpoint.value)
                         yield batch
@@ -246,28 +248,28 @@ class PostgresSource:
                 self._raise_if_setup(exc.sqlstate, exc)
                 failing_since = failing_since or time.monotonic()
                 await stream.close()
-                delay = await self._backoff(exc, delay, failing_since, resume)
+                await self._backoff(exc, backoff, failing_since, resume)
             except (ConnectionLost, psycopg.OperationalError) as exc:
                 failing_since = failing_since or time.monotonic()
                 await stream.close()
-                delay = await self._backoff(exc, delay, failing_since, resume)
+                await self._backoff(exc, backoff, failing_since, resume)
             finally:
                 if self._stream is stream:
                     self._stream = None
                 await stream.close()
 
-    async def _backoff(self, exc: BaseException, delay: float, failing_since: float,
-                       resume: int) -> float:
+    async def _backoff(self, exc: BaseException, backoff: Backoff, failing_since: float,
+                       resume: int) -> None:
         waited = time.monotonic() - failing_since
         if waited > self.options.reconnect_for:
             raise SourceUnavailable(
                 f"the replication stream of {self.settings.name!r} "
                 f"({mask_dsn(self.settings.url)}) has been unavailable for {waited:.0f}s: "
                 f"{_first_line(exc)}") from None
+        delay = backoff.next()
         log.warning("replication stream unavailable; reconnecting", database=self.settings.name,
                     error=_first_line(exc), resume=format_lsn(resume), retry_in=round(delay, 2))
         await asyncio.sleep(delay)
-        return min(delay * 2, 10.0)
 
     async def _open(self, resume: int) -> ReplicationStream:
         try:
