@@ -149,7 +149,7 @@ async def test_a_server_restart_under_a_running_store(own_server: PostgresServer
     other = await opened(url)
     woken = asyncio.Event()
     store.subscribe(woken.set)
-    await asyncio.wait_for(store.listening(), 10)
+    await asyncio.wait_for(store._listener.connected.wait(), 10)
     before = [make_event(doc_id=str(i)) for i in range(10)]
     assert await store.enqueue(before, {}) == 10
 
@@ -174,7 +174,7 @@ async def test_a_server_restart_under_a_running_store(own_server: PostgresServer
     assert [s.pending for s in stats] == [20]
 
     # The listener reconnected too: another store's enqueue wakes this one.
-    await asyncio.wait_for(store.listening(), 15)
+    await asyncio.wait_for(store._listener.connected.wait(), 15)
     woken.clear()
     for _ in range(50):  # the other store's pool may need a retry of its own
         try:

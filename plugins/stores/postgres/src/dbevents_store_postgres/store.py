@@ -230,11 +230,6 @@ class PostgresStore:
         if self._pool is not None:
             self._listener.start()
 
-    async def listening(self) -> None:
-        """Return once the LISTEN is in place (for callers that must not miss
-        the next notification, such as tests)."""
-        await self._listener.connected.wait()
-
     # -- the log ----------------------------------------------------------------
     async def list_events(self, flt: EventFilter) -> list[Event]:
         return await self._run(eventlog.list_events, flt)
