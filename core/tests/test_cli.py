@@ -135,3 +135,50 @@ def test_events_list_show_redeliver_purge_status(tmp_path: Path) -> None:
     assert r.exit_code == 0 and "1 event(s) purged" in r.output
     r = invoke(tmp_path, GOOD, "events", "purge", "--older-than", "soon")
     assert r.exit_code == 2
+
+
+def invoke_args(*args: str):  # type: ignore[no-untyped-def]
+    plugins = isolated_plugins()
+    return CliRunner().invoke(build(plugins), list(args), obj=plugins)
+
+
+@pytest.mark.parametrize("args", [
+    ("check", "--config", "{path}"),
+    ("check", "--config={path}"),
+    ("status", "--json", "--config", "{path}"),
+    ("events", "list", "--config", "{path}", "--json"),
+    ("events", "--config", "{path}", "list", "--json"),
+    ("--log-level", "warning", "events", "purge", "--older-than", "1d", "--config", "{path}"),
+])
+def test_config_after_the_command(tmp_path: Path, args: tuple[str, ...]) -> None:
+    path = tmp_path / "elsewhere.toml"
+    path.write_text(GOOD)
+    r = invoke_args(*(a.format(path=path) for a in args))
+    assert r.exit_code == 0, r.output
+
+
+def test_config_after_the_command_wins_over_the_one_before(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.toml", tmp_path / "missing.toml"
+    good.write_text(GOOD)
+    r = invoke_args("--config", str(bad), "check", "--config", str(good))
+    assert r.exit_code == 0, r.output
+    assert f"config: {good}" in r.output
+
+
+def test_config_after_the_command_needs_a_value(tmp_path: Path) -> None:
+    r = invoke_args("check", "--config")
+    assert r.exit_code == 2 and "'--config' requires an argument" in r.output
+
+
+@pytest.mark.parametrize(("retention", "shown"), [
+    (None, "retention 7d"), ('"12h"', "retention 12h"), ('"90m"', "retention 90m"),
+    ("45", "retention 45s"),
+])
+def test_check_prints_durations_as_written(tmp_path: Path, retention: str | None,
+                                           shown: str) -> None:
+    toml = GOOD if retention is None else GOOD.replace(
+        "[eventing]", f"[eventing]\nretention = {retention}")
+    r = invoke(tmp_path, toml, "check")
+    assert r.exit_code == 0, r.output
+    assert shown in r.output
+    assert "days," not in r.output and "0:00" not in r.output

@@ -236,3 +236,22 @@ def test_truncate_is_refused_when_no_database_of_any_kind_can() -> None:
         cfg.parse(raw, plugins)
     assert info.value.path == "triggers[0].operations"
     assert "none of the databases (types docs) emits truncate events" in str(info.value)
+
+
+@pytest.mark.parametrize(("written", "suggested"), [
+    ("postgresql", "postgres"), ("pg", "postgres"), ("PostgreSQL", "postgres"),
+    ("postgress", "postgres"), ("memroy", "memory"),
+])
+def test_unknown_database_type_suggests_the_installed_one(
+        written: str, suggested: str, plugins) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError) as err:
+        cfg.parse({"databases": {"app": {"type": written, "url": "x"}}}, plugins)
+    assert err.value.path == "databases.app.type"
+    assert f"unknown database type {written!r} (did you mean {suggested!r}?)" in str(err.value)
+
+
+def test_an_alias_of_a_source_not_installed_suggests_nothing(plugins) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError) as err:
+        cfg.parse({"databases": {"app": {"type": "mariadb", "url": "x"}}}, plugins)
+    assert "did you mean" not in str(err.value)
+    assert "installed source plugins: memory, postgres" in str(err.value)

@@ -18,7 +18,7 @@ import structlog
 from dbevents import config as config_mod
 from dbevents import logs
 from dbevents import plugins as plugins_mod
-from dbevents.durations import parse_duration
+from dbevents.durations import format_duration, parse_duration
 from dbevents.engine import Engine, make_store
 from dbevents.envelope import request_body
 from dbevents.errors import DbeventsError
@@ -76,10 +76,42 @@ async def with_store(state: State, body: Callable[[Store], Awaitable[T]]) -> T:
         await store.close()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _hoist_config(args: list[str]) -> list[str]:
+    """``--config`` given after the command (``dbevents run --config x.toml``, or
+    ``dbevents events list --config x.toml``) moved in front of it, where the
+    launcher reads it. Order is kept, so the last one given still wins; nothing
+    after ``--`` is touched."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest.extend(args[i:])
+            break
+        if arg.startswith("--config="):
+            front.append(arg)
+        elif arg == "--config":
+            if i + 1 == len(args):
+                raise click.UsageError("Option '--config' requires an argument.")
+            front.extend(args[i:i + 2])
+            i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
+class Launcher(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _hoist_config(args))
+
+
+@click.group(cls=Launcher, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(_version(), "--version", prog_name="dbevents")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="Config file (default: $DBEVENTS_CONFIG, else ./dbevents.toml).")
+              help="Config file (default: $DBEVENTS_CONFIG, else ./dbevents.toml). "
+                   "May also follow the command: dbevents run --config x.toml.")
 @click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
               help="Default: console on a terminal, JSON otherwise.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
@@ -146,7 +178,7 @@ def check(state: State) -> None:
     click.echo(f"config: {cfg.path}")
     click.echo(f"eventing: {'enabled' if cfg.eventing.enabled else 'DISABLED'}, "
                f"store {mask_dsn(cfg.eventing.store)}, retention "
-               f"{timedelta(seconds=cfg.eventing.retention)}")
+               f"{format_duration(cfg.eventing.retention)}")
     click.echo(f"databases ({len(cfg.databases)}):")
     for db in cfg.databases.values():
         click.echo(f"  {db.name}: {db.type} {mask_dsn(db.url)}")
