@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 import pymysql
 from dbevents import SetupError, SourceUnavailable
+from dbevents.hints import command
 from dbevents.masking import mask_dsn
 
 from dbevents_source_mysql.options import ConnectParams
@@ -258,9 +259,9 @@ def purged_error(name: str, position: BinlogPosition, detail: str) -> SetupError
         f"cannot resume database {name!r} at {position}: {detail}. The changes between "
         f"that checkpoint and the oldest binlog still on the server are lost to dbevents. "
         f"Keep binlogs longer (binlog_expire_logs_seconds / expire_logs_days), then move "
-        f"the checkpoint with the worker stopped: `dbevents mysql reset-position {name}` "
-        f"(the current end of the binlog) or `dbevents mysql reset-position {name} --to "
-        f"earliest`"
+        f"the checkpoint with the worker stopped: `{command(f'mysql reset-position {name}')}` "
+        f"(the current end of the binlog) or "
+        f"`{command(f'mysql reset-position {name} --to earliest')}`"
     )
 
 

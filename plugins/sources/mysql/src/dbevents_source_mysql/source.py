@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import structlog
 from dbevents import ChangeBatch, Operation, Position, SetupError, SourceSettings
+from dbevents.hints import command
 from dbevents.masking import mask_dsn
 
 from dbevents_source_mysql import checks
@@ -129,7 +130,7 @@ class MysqlSource:
                         f"the checkpoint of database {self.settings.name!r} is "
                         f"{since.value!r}, not a MySQL binlog position (did this section "
                         f"change type?); set a new one with the worker stopped: "
-                        f"`dbevents mysql reset-position {self.settings.name}`") from None
+                        f"`{command(f'mysql reset-position {self.settings.name}')}`") from None
             elif self.options.start == "end":
                 position = checks.current_position(conn)
             elif self.options.start == "earliest":

@@ -17,6 +17,7 @@ import attrs
 import psycopg
 import structlog
 from dbevents.errors import SetupError
+from dbevents.hints import command
 from dbevents.masking import mask_dsn
 from psycopg import errors as pgerrors
 from psycopg import sql
@@ -250,8 +251,8 @@ async def ensure_slot(conn: Conn, plan: Plan) -> bool:
         raise SetupError(
             f"the replication slot {plan.slot!r} was invalidated: PostgreSQL removed WAL it "
             "still needed (max_slot_wal_keep_size), so changes were lost. Drop it "
-            f"(dbevents postgres drop-slot {plan.database}), then restart from now with "
-            f"dbevents postgres reset-position {plan.database}.")
+            f"(`{command(f'postgres drop-slot {plan.database}')}`), then restart from now "
+            f"with `{command(f'postgres reset-position {plan.database}')}`.")
     deadline = time.monotonic() + plan.slot_release_wait
     while info.active and time.monotonic() < deadline:
         await asyncio.sleep(0.05)

@@ -26,6 +26,7 @@ import psycopg
 import structlog
 from dbevents.backoff import Backoff
 from dbevents.errors import SetupError, SourceUnavailable
+from dbevents.hints import command
 from dbevents.masking import mask_dsn
 from dbevents.protocols import SourceSettings
 from dbevents.values import Change, ChangeBatch, Operation, Position
@@ -169,7 +170,8 @@ class PostgresSource:
             f"dbevents had captured up to {since.value}: it was dropped (or the database was "
             "replaced), so PostgreSQL no longer has the changes made since, and they cannot "
             "be captured. To go on from now, accepting that gap, run "
-            f"`dbevents postgres reset-position {self.settings.name}` with dbevents stopped.")
+            f"`{command(f'postgres reset-position {self.settings.name}')}` with dbevents "
+            "stopped.")
 
     async def close(self) -> None:
         stream, self._stream = self._stream, None
