@@ -16,6 +16,8 @@ from dbevents.hookspecs import hookimpl
 from dbevents.protocols import (
     EventFilter,
     Matcher,
+    Preflight,
+    Problem,
     Sink,
     Source,
     SourceSettings,
@@ -52,6 +54,8 @@ __all__ = [
     "Outcome",
     "PluginError",
     "Position",
+    "Preflight",
+    "Problem",
     "SetupError",
     "Sink",
     "Source",

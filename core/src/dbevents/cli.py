@@ -22,8 +22,9 @@ from dbevents.durations import format_duration, parse_duration
 from dbevents.engine import Engine, make_store
 from dbevents.envelope import request_body
 from dbevents.errors import DbeventsError
+from dbevents.hints import command
 from dbevents.masking import mask_dsn, mask_url
-from dbevents.protocols import EventFilter, Store
+from dbevents.protocols import EventFilter, Problem, Store
 from dbevents.values import Event, Status
 
 T = TypeVar("T")
@@ -167,12 +168,15 @@ def run(state: State) -> None:
 
 
 @cli.command()
+@click.option("--connect", is_flag=True,
+              help="Also connect to every database and the store and run their startup "
+                   "checks, listing every problem (creates nothing, captures nothing).")
 @click.pass_obj
-def check(state: State) -> None:
+def check(state: State, connect: bool) -> None:
     """Validate the config and the plugins it needs; exit 0 if usable, else 2."""
     try:
         cfg = state.config
-        make_store(cfg.eventing.store, state.plugins, cfg.dir)
+        store = make_store(cfg.eventing.store, state.plugins, cfg.dir)
     except DbeventsError as exc:
         fail(exc)
     click.echo(f"config: {cfg.path}")
@@ -189,7 +193,51 @@ def check(state: State) -> None:
         ops = ",".join(sorted(o.value for o in t.operations))
         click.echo(f"  {t.name}: {dbs} / {tables} / {ops} -> {t.sink} {mask_url(t.url)} "
                    f"(retries {t.retries}, timeout {t.timeout} ms)")
+    if not connect:
+        click.echo(f"ok (config only: no database or store was contacted; "
+                   f"`{command('check --connect')}` runs their startup checks)")
+        return
+    try:
+        # Building the parts connects nothing; preflight() then only reads.
+        engine = Engine(cfg, state.plugins, store=store)
+    except DbeventsError as exc:
+        fail(exc)
+    parts: list[tuple[str, str, Any]] = [
+        (f"{name} ({cfg.databases[name].type} {mask_dsn(cfg.databases[name].url)})",
+         cfg.databases[name].url, source) for name, source in engine.sources.items()]
+    parts.append((f"store {mask_dsn(cfg.eventing.store)}", cfg.eventing.store, store))
+    click.echo("connecting:")
+    results = asyncio.run(_preflight_all(parts))
+    failed = False
+    for (label, _, _), problems in zip(parts, results, strict=True):
+        if problems is None:
+            click.echo(f"  {label}: not checked (its plugin has no preflight checks)")
+        elif not problems:
+            click.echo(f"  {label}: ok")
+        else:
+            failed = True
+            click.echo(f"  {label}: {len(problems)} problem(s)")
+            for problem in problems:
+                click.echo("    - " + problem.message.replace("\n", "\n      "))
+    if failed:
+        click.echo("not ready: fix the problems above and run the check again")
+        sys.exit(2)
     click.echo("ok")
+
+
+async def _preflight_all(parts: list[tuple[str, str, Any]]) -> list[list[Problem] | None]:
+    """Every part's preflight at once; a check that crashes is a problem too."""
+    async def one(url: str, part: Any) -> list[Problem] | None:
+        preflight = getattr(part, "preflight", None)
+        if preflight is None:
+            return None
+        try:
+            return list(await preflight())
+        except Exception as exc:
+            text = str(exc).replace(url, mask_dsn(url)) if url else str(exc)
+            return [Problem(f"the check itself failed: {type(exc).__name__}: {text}")]
+
+    return list(await asyncio.gather(*(one(url, part) for _, url, part in parts)))
 
 
 @cli.command("plugins")

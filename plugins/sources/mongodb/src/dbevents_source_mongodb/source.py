@@ -25,6 +25,7 @@ from dbevents import (
     ChangeBatch,
     Operation,
     Position,
+    Problem,
     SetupError,
     SourceSettings,
     SourceUnavailable,
@@ -114,6 +115,17 @@ class MongoSource:
                  url=self.where, collections=self._collections(),
                  full_document=self.options.full_document,
                  full_document_before_change=self.options.full_document_before_change)
+
+    async def preflight(self) -> list[Problem]:
+        """For `dbevents check --connect`: start()'s checks (reachable, a replica
+        set, the database, pre- and post-images), which only read; then close."""
+        try:
+            await self.start()
+        except SetupError as exc:
+            return [Problem(str(exc))]
+        finally:
+            await self.close()
+        return []
 
     def _make_client(self) -> AsyncMongoClient[dict[str, Any]]:
         # tz_aware: times are UTC-aware; DATETIME_AUTO: a date beyond year 9999

@@ -28,7 +28,7 @@ from dbevents.backoff import Backoff
 from dbevents.errors import SetupError, SourceUnavailable
 from dbevents.hints import command
 from dbevents.masking import mask_dsn
-from dbevents.protocols import SourceSettings
+from dbevents.protocols import Problem, SourceSettings
 from dbevents.values import Change, ChangeBatch, Operation, Position
 
 from dbevents_source_postgres import catalog, checks
@@ -142,20 +142,38 @@ class PostgresSource:
             raise SetupError(
                 f"cannot connect to {mask_dsn(self.settings.url)} (database "
                 f"{self.settings.name!r}): {_first_line(exc)}") from None
-        plan = checks.Plan(
+        try:
+            _, self._slot_created = await checks.run(conn, self._plan())
+        except psycopg.Error as exc:
+            raise SetupError(f"checking {mask_dsn(self.settings.url)} failed: "
+                             f"{_first_line(exc)}") from None
+        log.info("postgres source ready", database=self.settings.name, slot=self.slot,
+                 publication=self.publication, url=mask_dsn(self.settings.url))
+
+    async def preflight(self) -> list[Problem]:
+        """For `dbevents check --connect`: every check start() makes, each problem
+        listed; creates no slot and no publication."""
+        try:
+            conn = await catalog.connect(self.settings.url, self.options.connect_timeout)
+        except psycopg.Error as exc:
+            return [Problem(f"cannot connect to {mask_dsn(self.settings.url)} (database "
+                            f"{self.settings.name!r}): {_first_line(exc)}")]
+        try:
+            problems = await checks.preflight(conn, self._plan())
+        except psycopg.Error as exc:
+            problems = [f"checking {mask_dsn(self.settings.url)} failed: {_first_line(exc)}"]
+        finally:
+            await conn.close()
+        return [Problem(p) for p in problems]
+
+    def _plan(self) -> checks.Plan:
+        return checks.Plan(
             database=self.settings.name, url=self.settings.url, slot=self.slot,
             publication=self.publication, tables=self.settings.tables,
             publish_all=self.options.publish_all,
             operations=frozenset(o.value for o in self._ops),
             connect_timeout=self.options.connect_timeout,
             slot_release_wait=self.slot_release_wait)
-        try:
-            _, self._slot_created = await checks.run(conn, plan)
-        except psycopg.Error as exc:
-            raise SetupError(f"checking {mask_dsn(self.settings.url)} failed: "
-                             f"{_first_line(exc)}") from None
-        log.info("postgres source ready", database=self.settings.name, slot=self.slot,
-                 publication=self.publication, url=mask_dsn(self.settings.url))
 
     async def _refuse_new_slot(self, since: Position) -> None:
         """A checkpoint exists but the slot did not: PostgreSQL no longer holds the
