@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 from click.testing import CliRunner
 from dbevents.cli import build
@@ -182,3 +183,27 @@ def test_check_prints_durations_as_written(tmp_path: Path, retention: str | None
     assert r.exit_code == 0, r.output
     assert shown in r.output
     assert "days," not in r.output and "0:00" not in r.output
+
+
+def test_events_show_takes_a_unique_id_prefix(tmp_path: Path) -> None:
+    ids = ["2b9f0000-aaaa", "2b9f1111-bbbb", "7c3e2222-cccc"]
+
+    async def seed() -> None:
+        store = MemoryStore(StoreSettings(url="memory://cli"))
+        await store.enqueue([attrs.evolve(make_event(doc_id=str(i)), id=id_)
+                             for i, id_ in enumerate(ids)], {})
+
+    asyncio.run(seed())
+    r = invoke(tmp_path, GOOD, "events", "show", "7c3e")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["id"] == ids[2]
+
+    r = invoke(tmp_path, GOOD, "events", "show", "2b9f")
+    assert r.exit_code == 1
+    assert "2 events have an id starting with '2b9f'; give more of it" in r.output
+    assert ids[0] in r.output and ids[1] in r.output and ids[2] not in r.output
+
+    r = invoke(tmp_path, GOOD, "events", "show", "2b9f1")
+    assert r.exit_code == 0 and json.loads(r.output)["id"] == ids[1]
+    r = invoke(tmp_path, GOOD, "events", "show", "9")
+    assert r.exit_code == 1 and "no event with id 9" in r.output

@@ -303,15 +303,36 @@ def events_list(state: State, status: str | None, trigger: str | None, database:
                    f"{ev.attempts:>3}  {ev.table[:20]:<20} {ev.doc_id}")
 
 
+SHOW_MATCHES = 10  # ids listed when a prefix is ambiguous
+
+
+class _Ambiguous(DbeventsError):
+    exit_code = 1
+
+
 @events.command("show")
 @click.argument("event_id")
 @click.option("--body", "body_of", type=int, metavar="N",
               help="Print only the exact request body attempt N sent.")
 @click.pass_obj
 def events_show(state: State, event_id: str, body_of: int | None) -> None:
-    """One event: its payload and every attempt."""
+    """One event: its payload and every attempt. EVENT_ID may be the start of an
+    id, if only one event's id starts so."""
     async def body(store: Store) -> Any:
-        ev, attempts = await store.get_event(event_id), await store.attempts(event_id)
+        nonlocal event_id
+        ev = await store.get_event(event_id)
+        find = getattr(store, "find_event_ids", None)
+        if ev is None and find is not None:
+            matches = await find(event_id, SHOW_MATCHES + 1)
+            if len(matches) > 1:
+                count = (f"more than {SHOW_MATCHES}" if len(matches) > SHOW_MATCHES
+                         else str(len(matches)))
+                raise _Ambiguous(f"{count} events have an id starting with {event_id!r}; "
+                                 "give more of it:\n  " + "\n  ".join(matches[:SHOW_MATCHES]))
+            if matches:
+                event_id = matches[0]
+                ev = await store.get_event(event_id)
+        attempts = await store.attempts(event_id) if ev is not None else []
         members: list[Event] = []
         chosen = [a for a in attempts if a.number == body_of]
         if chosen and chosen[-1].request_id is not None:

@@ -230,9 +230,23 @@ class Preflight(Protocol):
     async def preflight(self) -> list[Problem]: ...
 
 
+# -- Optional: event ids by prefix, for `dbevents events show 2b9f` -------------------
+
+
+@runtime_checkable
+class FindsEventIds(Protocol):
+    """Optional on a store (read with getattr). Default, for a store without it:
+    the CLI takes event ids whole."""
+
+    async def find_event_ids(self, prefix: str, limit: int) -> list[str]:
+        """Up to ``limit`` ids of stored events that start with ``prefix``, sorted."""
+        ...
+
+
 __all__ = [
     "ChangeBatch",
     "EventFilter",
+    "FindsEventIds",
     "Matcher",
     "Preflight",
     "Problem",

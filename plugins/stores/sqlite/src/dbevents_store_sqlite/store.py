@@ -256,6 +256,9 @@ class SqliteStore:
     async def get_event(self, event_id: str) -> Event | None:
         return await self._call(eventlog.get_event, event_id)
 
+    async def find_event_ids(self, prefix: str, limit: int) -> list[str]:
+        return await self._call(eventlog.find_event_ids, prefix, limit)
+
     async def attempts(self, event_id: str) -> list[Attempt]:
         return await self._call(eventlog.attempts, event_id)
 
