@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from click.testing import CliRunner
 from dbevents.cli import build
@@ -174,3 +175,74 @@ def test_a_store_role_is_worker_or_admin() -> None:
     assert StoreSettings(url="memory://x").role == "worker"
     with pytest.raises(ValueError, match="'role' must be in"):
         StoreSettings(url="memory://x", role="viewer")  # type: ignore[arg-type]
+
+
+def invoke_args(*args: str):  # type: ignore[no-untyped-def]
+    plugins = isolated_plugins()
+    return CliRunner().invoke(build(plugins), list(args), obj=plugins)
+
+
+@pytest.mark.parametrize("args", [
+    ("check", "--config", "{path}"),
+    ("check", "--config={path}"),
+    ("status", "--json", "--config", "{path}"),
+    ("events", "list", "--config", "{path}", "--json"),
+    ("events", "--config", "{path}", "list", "--json"),
+    ("--log-level", "warning", "events", "purge", "--older-than", "1d", "--config", "{path}"),
+])
+def test_config_after_the_command(tmp_path: Path, args: tuple[str, ...]) -> None:
+    path = tmp_path / "elsewhere.toml"
+    path.write_text(GOOD)
+    r = invoke_args(*(a.format(path=path) for a in args))
+    assert r.exit_code == 0, r.output
+
+
+def test_config_after_the_command_wins_over_the_one_before(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.toml", tmp_path / "missing.toml"
+    good.write_text(GOOD)
+    r = invoke_args("--config", str(bad), "check", "--config", str(good))
+    assert r.exit_code == 0, r.output
+    assert f"config: {good}" in r.output
+
+
+def test_config_after_the_command_needs_a_value(tmp_path: Path) -> None:
+    r = invoke_args("check", "--config")
+    assert r.exit_code == 2 and "'--config' requires an argument" in r.output
+
+
+@pytest.mark.parametrize(("retention", "shown"), [
+    (None, "retention 7d"), ('"12h"', "retention 12h"), ('"90m"', "retention 90m"),
+    ("45", "retention 45s"),
+])
+def test_check_prints_durations_as_written(tmp_path: Path, retention: str | None,
+                                           shown: str) -> None:
+    toml = GOOD if retention is None else GOOD.replace(
+        "[eventing]", f"[eventing]\nretention = {retention}")
+    r = invoke(tmp_path, toml, "check")
+    assert r.exit_code == 0, r.output
+    assert shown in r.output
+    assert "days," not in r.output and "0:00" not in r.output
+
+
+def test_events_show_takes_a_unique_id_prefix(tmp_path: Path) -> None:
+    ids = ["2b9f0000-aaaa", "2b9f1111-bbbb", "7c3e2222-cccc"]
+
+    async def seed() -> None:
+        store = MemoryStore(StoreSettings(url="memory://cli"))
+        await store.enqueue([attrs.evolve(make_event(doc_id=str(i)), id=id_)
+                             for i, id_ in enumerate(ids)], {})
+
+    asyncio.run(seed())
+    r = invoke(tmp_path, GOOD, "events", "show", "7c3e")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["id"] == ids[2]
+
+    r = invoke(tmp_path, GOOD, "events", "show", "2b9f")
+    assert r.exit_code == 1
+    assert "2 events have an id starting with '2b9f'; give more of it" in r.output
+    assert ids[0] in r.output and ids[1] in r.output and ids[2] not in r.output
+
+    r = invoke(tmp_path, GOOD, "events", "show", "2b9f1")
+    assert r.exit_code == 0 and json.loads(r.output)["id"] == ids[1]
+    r = invoke(tmp_path, GOOD, "events", "show", "9")
+    assert r.exit_code == 1 and "no event with id 9" in r.output

@@ -305,3 +305,22 @@ def test_check_exits_2_naming_the_key_of_a_bad_target(tmp_path: Path) -> None:
                            ["--config", str(path), "check"], obj=isolated_plugins(("chk", plug)))
     assert r.exit_code == 2
     assert "triggers[0].url" in r.output and "database number" in r.output
+
+
+@pytest.mark.parametrize(("written", "suggested"), [
+    ("postgresql", "postgres"), ("pg", "postgres"), ("PostgreSQL", "postgres"),
+    ("postgress", "postgres"), ("memroy", "memory"),
+])
+def test_unknown_database_type_suggests_the_installed_one(
+        written: str, suggested: str, plugins) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError) as err:
+        cfg.parse({"databases": {"app": {"type": written, "url": "x"}}}, plugins)
+    assert err.value.path == "databases.app.type"
+    assert f"unknown database type {written!r} (did you mean {suggested!r}?)" in str(err.value)
+
+
+def test_an_alias_of_a_source_not_installed_suggests_nothing(plugins) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError) as err:
+        cfg.parse({"databases": {"app": {"type": "mariadb", "url": "x"}}}, plugins)
+    assert "did you mean" not in str(err.value)
+    assert "installed source plugins: memory, postgres" in str(err.value)

@@ -16,6 +16,8 @@ from dbevents.hookspecs import hookimpl
 from dbevents.protocols import (
     EventFilter,
     Matcher,
+    Preflight,
+    Problem,
     Sink,
     Source,
     SourceSettings,
@@ -53,6 +55,8 @@ __all__ = [
     "Outcome",
     "PluginError",
     "Position",
+    "Preflight",
+    "Problem",
     "RawJSON",
     "SetupError",
     "Sink",

@@ -20,12 +20,13 @@ import structlog
 from dbevents import config as config_mod
 from dbevents import logs, masking
 from dbevents import plugins as plugins_mod
-from dbevents.durations import parse_duration
+from dbevents.durations import format_duration, parse_duration
 from dbevents.engine import Engine, make_store
 from dbevents.envelope import request_body
 from dbevents.errors import DbeventsError
+from dbevents.hints import command
 from dbevents.masking import mask_dsn, mask_url, scrub
-from dbevents.protocols import EventFilter, SourceSettings, Store, StoreRole, status_probe
+from dbevents.protocols import EventFilter, Problem, SourceSettings, Store, StoreRole, status_probe
 from dbevents.values import Event, Status
 
 T = TypeVar("T")
@@ -82,10 +83,42 @@ async def with_store(state: State, body: Callable[[Store], Awaitable[T]]) -> T:
         await store.close()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _hoist_config(args: list[str]) -> list[str]:
+    """``--config`` given after the command (``dbevents run --config x.toml``, or
+    ``dbevents events list --config x.toml``) moved in front of it, where the
+    launcher reads it. Order is kept, so the last one given still wins; nothing
+    after ``--`` is touched."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest.extend(args[i:])
+            break
+        if arg.startswith("--config="):
+            front.append(arg)
+        elif arg == "--config":
+            if i + 1 == len(args):
+                raise click.UsageError("Option '--config' requires an argument.")
+            front.extend(args[i:i + 2])
+            i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
+class Launcher(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _hoist_config(args))
+
+
+@click.group(cls=Launcher, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(_version(), "--version", prog_name="dbevents")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="Config file (default: $DBEVENTS_CONFIG, else ./dbevents.toml).")
+              help="Config file (default: $DBEVENTS_CONFIG, else ./dbevents.toml). "
+                   "May also follow the command: dbevents run --config x.toml.")
 @click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
               help="Default: console on a terminal, JSON otherwise.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
@@ -149,18 +182,21 @@ def run(state: State) -> None:
 
 
 @cli.command()
+@click.option("--connect", is_flag=True,
+              help="Also connect to every database and the store and run their startup "
+                   "checks, listing every problem (creates nothing, captures nothing).")
 @click.pass_obj
-def check(state: State) -> None:
+def check(state: State, connect: bool) -> None:
     """Validate the config and the plugins it needs; exit 0 if usable, else 2."""
     try:
         cfg = state.config
-        make_store(cfg.eventing.store, state.plugins, cfg.dir)
+        store = make_store(cfg.eventing.store, state.plugins, cfg.dir)
     except DbeventsError as exc:
         fail(exc)
     click.echo(f"config: {cfg.path}")
     click.echo(f"eventing: {'enabled' if cfg.eventing.enabled else 'DISABLED'}, "
                f"store {mask_dsn(cfg.eventing.store)}, retention "
-               f"{timedelta(seconds=cfg.eventing.retention)}")
+               f"{format_duration(cfg.eventing.retention)}")
     click.echo(f"databases ({len(cfg.databases)}):")
     for db in cfg.databases.values():
         click.echo(f"  {db.name}: {db.type} {mask_dsn(db.url)}")
@@ -171,7 +207,51 @@ def check(state: State) -> None:
         ops = ",".join(sorted(o.value for o in t.operations))
         click.echo(f"  {t.name}: {dbs} / {tables} / {ops} -> {t.sink} {mask_url(t.url)} "
                    f"(retries {t.retries}, timeout {t.timeout} ms)")
+    if not connect:
+        click.echo(f"ok (config only: no database or store was contacted; "
+                   f"`{command('check --connect')}` runs their startup checks)")
+        return
+    try:
+        # Building the parts connects nothing; preflight() then only reads.
+        engine = Engine(cfg, state.plugins, store=store)
+    except DbeventsError as exc:
+        fail(exc)
+    parts: list[tuple[str, str, Any]] = [
+        (f"{name} ({cfg.databases[name].type} {mask_dsn(cfg.databases[name].url)})",
+         cfg.databases[name].url, source) for name, source in engine.sources.items()]
+    parts.append((f"store {mask_dsn(cfg.eventing.store)}", cfg.eventing.store, store))
+    click.echo("connecting:")
+    results = asyncio.run(_preflight_all(parts))
+    failed = False
+    for (label, _, _), problems in zip(parts, results, strict=True):
+        if problems is None:
+            click.echo(f"  {label}: not checked (its plugin has no preflight checks)")
+        elif not problems:
+            click.echo(f"  {label}: ok")
+        else:
+            failed = True
+            click.echo(f"  {label}: {len(problems)} problem(s)")
+            for problem in problems:
+                click.echo("    - " + problem.message.replace("\n", "\n      "))
+    if failed:
+        click.echo("not ready: fix the problems above and run the check again")
+        sys.exit(2)
     click.echo("ok")
+
+
+async def _preflight_all(parts: list[tuple[str, str, Any]]) -> list[list[Problem] | None]:
+    """Every part's preflight at once; a check that crashes is a problem too."""
+    async def one(url: str, part: Any) -> list[Problem] | None:
+        preflight = getattr(part, "preflight", None)
+        if preflight is None:
+            return None
+        try:
+            return list(await preflight())
+        except Exception as exc:
+            text = str(exc).replace(url, mask_dsn(url)) if url else str(exc)
+            return [Problem(f"the check itself failed: {type(exc).__name__}: {text}")]
+
+    return list(await asyncio.gather(*(one(url, part) for _, url, part in parts)))
 
 
 @cli.command("plugins")
@@ -262,15 +342,36 @@ def events_list(state: State, status: str | None, trigger: str | None, database:
                          f"{ev.doc_id}"))
 
 
+SHOW_MATCHES = 10  # ids listed when a prefix is ambiguous
+
+
+class _Ambiguous(DbeventsError):
+    exit_code = 1
+
+
 @events.command("show")
 @click.argument("event_id")
 @click.option("--body", "body_of", type=int, metavar="N",
               help="Print only the exact request body attempt N sent.")
 @click.pass_obj
 def events_show(state: State, event_id: str, body_of: int | None) -> None:
-    """One event: its payload and every attempt."""
+    """One event: its payload and every attempt. EVENT_ID may be the start of an
+    id, if only one event's id starts so."""
     async def body(store: Store) -> Any:
-        ev, attempts = await store.get_event(event_id), await store.attempts(event_id)
+        nonlocal event_id
+        ev = await store.get_event(event_id)
+        find = getattr(store, "find_event_ids", None)
+        if ev is None and find is not None:
+            matches = await find(event_id, SHOW_MATCHES + 1)
+            if len(matches) > 1:
+                count = (f"more than {SHOW_MATCHES}" if len(matches) > SHOW_MATCHES
+                         else str(len(matches)))
+                raise _Ambiguous(f"{count} events have an id starting with {event_id!r}; "
+                                 "give more of it:\n  " + "\n  ".join(matches[:SHOW_MATCHES]))
+            if matches:
+                event_id = matches[0]
+                ev = await store.get_event(event_id)
+        attempts = await store.attempts(event_id) if ev is not None else []
         members: list[Event] = []
         chosen = [a for a in attempts if a.number == body_of]
         if chosen and chosen[-1].request_id is not None:

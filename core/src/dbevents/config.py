@@ -291,6 +291,20 @@ def _eventing(raw: dict[str, Any], path: Path | None) -> EventingConfig:
     return EventingConfig(enabled=enabled, store=store, source_id=source_id, retention=retention)
 
 
+# Names users often write for a database type, and the source that reads it.
+_TYPE_ALIASES = {"postgresql": "postgres", "pg": "postgres", "pgsql": "postgres",
+                 "psql": "postgres", "mariadb": "mysql", "maria": "mysql",
+                 "mongo": "mongodb"}
+
+
+def _type_suggestion(type_: str, installed: typing.Sequence[str]) -> str | None:
+    alias = _TYPE_ALIASES.get(type_.lower())
+    if alias in installed:
+        return alias
+    close = difflib.get_close_matches(type_.lower(), installed, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def _databases(raw: dict[str, Any], plugins: Plugins) -> dict[str, DatabaseConfig]:
     out = {}
     for name, table in raw.items():
@@ -306,9 +320,12 @@ def _databases(raw: dict[str, Any], plugins: Plugins) -> dict[str, DatabaseConfi
         try:
             source = plugins.get("source", type_)
         except KeyError:
+            installed = plugins.names("source")
+            close = _type_suggestion(type_, installed)
+            hint = f" (did you mean {close!r}?)" if close else ""
             raise ConfigError(
-                f"unknown database type {type_!r}; installed source plugins: "
-                f"{', '.join(plugins.names('source')) or 'none'}",
+                f"unknown database type {type_!r}{hint}; installed source plugins: "
+                f"{', '.join(installed) or 'none'}",
                 path=_join(p, "type"),
             ) from None
         if "url" not in table:

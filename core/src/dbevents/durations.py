@@ -22,3 +22,14 @@ def parse_duration(text: str | int | float) -> float:
             f"expected a duration like '7d', '12h', '30m', '45s' or '500ms', got {text!r}"
         )
     return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """``seconds`` the way a user writes it in the config: 7d, 12h, 90s, 250ms.
+    The largest unit that divides it evenly (weeks left out: 14d reads better
+    than 2w); otherwise seconds with their decimals."""
+    for unit in ("d", "h", "m", "s", "ms"):
+        count = seconds / _UNITS[unit]
+        if count >= 1 and abs(count - round(count)) < 1e-9:
+            return f"{round(count)}{unit}"
+    return f"{seconds:g}s"

@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from dbevents.backoff import Backoff
 from dbevents.config import Config, resolve_store_url
 from dbevents.dispatcher import Dispatcher
 from dbevents.errors import ConfigError, SetupError, SourceUnavailable
@@ -154,7 +155,7 @@ class Engine:
 
     # -- capture -------------------------------------------------------------
     async def _capture(self, name: str, source: Source) -> None:
-        delay = 0.5
+        backoff = Backoff(0.5, 30.0)
         while True:
             try:
                 await self._capture_once(name, source)
@@ -165,11 +166,11 @@ class Engine:
                 raise
             except Exception as exc:
                 kind = "unavailable" if isinstance(exc, SourceUnavailable) else "failed"
+                delay = backoff.next()
                 log.warning(f"source {kind}; restarting from the checkpoint",
                             database=name, error=str(exc), retry_in=round(delay, 1),
                             exc_info=not isinstance(exc, SourceUnavailable))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
 
     async def _capture_once(self, name: str, source: Source) -> None:
         since = await self._retry_store(lambda: self.store.checkpoint(name))
@@ -240,17 +241,17 @@ class Engine:
     async def _retry_store(self, call: Any) -> Any:
         """Store writes are retried until the store is back; meanwhile nothing is
         confirmed to the source, so capture simply pauses."""
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0)
         while True:
             try:
                 return await call()
             except (SetupError, asyncio.CancelledError):
                 raise
             except Exception as exc:
+                delay = backoff.next()
                 log.warning("store write failed; capture paused", error=str(exc),
                             retry_in=round(delay, 1))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
 
     async def _retention(self) -> None:
         keep = self.config.eventing.retention

@@ -262,13 +262,54 @@ class Matcher(Protocol):
     def matches(self, change: Change, options: Any) -> bool: ...
 
 
+# -- Optional: preflight, for `dbevents check --connect` --------------------------
+
+
+@attrs.frozen
+class Problem:
+    """One thing to change before dbevents can use a database or the store: what
+    is wrong and how to fix it, in one message (URLs masked)."""
+
+    message: str
+
+
+@runtime_checkable
+class Preflight(Protocol):
+    """Optional on a source or a store (read with getattr).
+
+    ``preflight()`` runs every startup check ``start()`` / ``open()`` would, changes
+    nothing (creates no slot, publication, schema or file; captures nothing) and
+    returns every problem found at once, not only the first; an unreachable
+    server is a problem too. An empty list: ready. Default, for a plugin without
+    it: `check --connect` reports the part as not checked, and does not fail.
+    """
+
+    async def preflight(self) -> list[Problem]: ...
+
+
+# -- Optional: event ids by prefix, for `dbevents events show 2b9f` -------------------
+
+
+@runtime_checkable
+class FindsEventIds(Protocol):
+    """Optional on a store (read with getattr). Default, for a store without it:
+    the CLI takes event ids whole."""
+
+    async def find_event_ids(self, prefix: str, limit: int) -> list[str]:
+        """Up to ``limit`` ids of stored events that start with ``prefix``, sorted."""
+        ...
+
+
 __all__ = [
     "DATABASE_KEYS",
     "STORE_ROLES",
     "TRIGGER_KEYS",
     "ChangeBatch",
     "EventFilter",
+    "FindsEventIds",
     "Matcher",
+    "Preflight",
+    "Problem",
     "Sink",
     "Source",
     "SourceSettings",

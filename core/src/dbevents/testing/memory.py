@@ -348,6 +348,9 @@ class MemoryStore:
     async def get_event(self, event_id: str) -> Event | None:
         return self.s.events.get(event_id)
 
+    async def find_event_ids(self, prefix: str, limit: int) -> list[str]:
+        return sorted(i for i in self.s.events if i.startswith(prefix))[:limit]
+
     async def attempts(self, event_id: str) -> list[Attempt]:
         return list(self.s.attempts.get(event_id, []))
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+from dbevents.hints import command
 
 from dbevents_demo import embedded, workload
 from dbevents_demo.receiver import BROKEN_PATH, OK_PATH, DemoReceiver
@@ -128,7 +129,8 @@ async def _main(folder: Path, every: float, duration: float | None) -> int:
         await receiver.stop()
         await asyncio.to_thread(embedded.stop, server)
         click.echo("stopped. Run the same command again to resume; look at the event log with:")
-        click.echo(f"  dbevents --config {folder / 'dbevents.toml'} events list")
+        config_file = folder / "dbevents.toml"
+        click.echo(f"  {command(f'events list --config {config_file}')}")
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -181,3 +181,13 @@ async def test_types_through_the_wire(fake: FakeReplicaSet) -> None:
         await source.close()
     assert change.doc_id == "65f0c0ffee0000000000abcd"
     assert _strict_json(change.doc) == EXPECTED
+
+
+def test_the_reset_hint_names_a_command_that_works_here(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dbevents_source_mongodb.checks import reset_hint
+
+    monkeypatch.setenv("UV", "/usr/bin/uv")
+    assert "run `uv run dbevents mongodb reset-token app`" in reset_hint("app")
+    monkeypatch.delenv("UV")
+    assert "run `dbevents mongodb reset-token app`" in reset_hint("app")

@@ -590,3 +590,16 @@ class TestMongoSourceContract(SourceContract):
     @pytest.fixture
     def source_env(self, fake: FakeReplicaSet) -> _Env:
         return _Env(fake)
+
+
+async def test_preflight_lists_the_problem_instead_of_raising(
+        make_fake: Callable[..., FakeReplicaSet]) -> None:
+    source = make_source(make_fake(kind="standalone").url())
+    problems = await source.preflight()
+    assert len(problems) == 1
+    assert "standalone server, not a replica set" in problems[0].message
+    assert source._client is None  # closed again
+
+
+async def test_preflight_of_a_replica_set_is_clean(fake: FakeReplicaSet) -> None:
+    assert await make_source(fake.url()).preflight() == []

@@ -149,7 +149,7 @@ async def test_a_server_restart_under_a_running_store(own_server: PostgresServer
     other = await opened(url)
     woken = asyncio.Event()
     store.subscribe(woken.set)
-    await asyncio.wait_for(store.listening(), 10)
+    await asyncio.wait_for(store._listener.connected.wait(), 10)
     before = [make_event(doc_id=str(i)) for i in range(10)]
     assert await store.enqueue(before, {}) == 10
 
@@ -174,7 +174,7 @@ async def test_a_server_restart_under_a_running_store(own_server: PostgresServer
     assert [s.pending for s in stats] == [20]
 
     # The listener reconnected too: another store's enqueue wakes this one.
-    await asyncio.wait_for(store.listening(), 15)
+    await asyncio.wait_for(store._listener.connected.wait(), 15)
     woken.clear()
     for _ in range(50):  # the other store's pool may need a retry of its own
         try:
@@ -183,3 +183,28 @@ async def test_a_server_restart_under_a_running_store(own_server: PostgresServer
         except StoreUnavailable:
             await asyncio.sleep(0.2)
     await asyncio.wait_for(woken.wait(), 10)
+
+
+async def test_preflight_lists_missing_rights_and_creates_nothing(
+        postgres_server: PostgresServer, pg_store_db: str, pg_schema: str,
+        opened: OpenPg) -> None:
+    role = f"limited_{uuid.uuid4().hex[:6]}"
+    postgres_server.execute(f"CREATE ROLE {role} LOGIN")
+    as_role = f"{postgres_server.dsn(pg_store_db, user=role)}?schema={pg_schema}"
+    problems = await PostgresStore(StoreSettings(url=as_role)).preflight()
+    assert len(problems) == 1
+    assert f"user '{role}' may not create the schema '{pg_schema}'" in problems[0].message
+
+    owner_url = f"{postgres_server.dsn(pg_store_db)}?schema={pg_schema}"
+    assert await PostgresStore(StoreSettings(url=owner_url)).preflight() == []
+    assert postgres_server.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
+                                   (pg_schema,), dbname=pg_store_db) == []
+
+    await opened(owner_url)  # created by its owner: the role now lacks the grants
+    problems = await PostgresStore(StoreSettings(url=as_role)).preflight()
+    assert [p.message for p in problems if f'GRANT USAGE ON SCHEMA "{pg_schema}"' in p.message]
+
+    down = f"postgresql://u:S3cret-pw@127.0.0.1:{free_port()}/x"
+    problems = await PostgresStore(StoreSettings(url=down)).preflight()
+    assert len(problems) == 1 and "cannot reach PostgreSQL" in problems[0].message
+    assert "S3cret-pw" not in problems[0].message

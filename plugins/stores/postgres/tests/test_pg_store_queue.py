@@ -9,6 +9,7 @@ import random
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
+import attrs
 from dbevents.protocols import EventFilter
 from dbevents.testing import make_event
 from dbevents.values import Attempt, Event, Finish, Position, Status
@@ -320,3 +321,14 @@ async def test_stored_times_are_utc_and_headers_are_json(open_pg: OpenPg,
                                Status.DELIVERED)])
     [(headers,)] = pg_exec(f"SELECT request_headers::text FROM {pg_schema}.attempts")
     assert json.loads(str(headers)) == {"content-type": "a/b"}
+
+
+async def test_find_event_ids_by_prefix(open_pg: OpenPg) -> None:
+    store = await open_pg()
+    ids = ["ab_1", "ab%2", "abc3", "abx", "b", "AB4"]
+    await store.enqueue([attrs.evolve(make_event(doc_id=i), id=i) for i in ids], {})
+    assert await store.find_event_ids("ab_", 10) == ["ab_1"]  # "_" is no wildcard
+    assert await store.find_event_ids("ab%", 10) == ["ab%2"]
+    assert await store.find_event_ids("ab", 10) == ["ab%2", "ab_1", "abc3", "abx"]
+    assert await store.find_event_ids("ab", 2) == ["ab%2", "ab_1"]
+    assert await store.find_event_ids("c", 10) == []

@@ -231,7 +231,7 @@ class Waker:
 async def listening(store: PostgresStore) -> Waker:
     waker = Waker()
     store.subscribe(waker)
-    await asyncio.wait_for(store.listening(), 10)
+    await asyncio.wait_for(store._listener.connected.wait(), 10)
     await waker.woken(1.0)  # the wake-up every (re)connection gives
     return waker
 
@@ -283,6 +283,6 @@ async def test_the_listener_reconnects(open_pg: OpenPg, pg_exec: Exec, pg_schema
     assert killed == [(True,)]
     # Reconnected, it wakes once (it may have missed something) and listens again.
     assert await waker.woken(10.0)
-    await asyncio.wait_for(idle.listening(), 10)
+    await asyncio.wait_for(idle._listener.connected.wait(), 10)
     await busy.enqueue([make_event()], {})
     assert await waker.woken()

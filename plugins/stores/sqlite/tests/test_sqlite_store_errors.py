@@ -209,3 +209,18 @@ def test_the_cli_exits_2_on_a_corrupt_store(tmp_path: Path) -> None:
                           env={**os.environ, "DBEVENTS_PLUGINS": "store-sqlite"})
     assert done.returncode == 2, done.stderr
     assert f"{tmp_path / 'events.db'} is not a SQLite database or is corrupt" in done.stderr
+
+
+async def test_preflight_creates_nothing_and_names_a_foreign_file(tmp_path: Path) -> None:
+    path = tmp_path / "events.db"
+    store = SqliteStore(StoreSettings(url=f"sqlite:///{path}", config_dir=tmp_path))
+    assert await store.preflight() == []
+    assert os.listdir(tmp_path) == []  # no file, no lock: created by `run` only
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE invoices (id INTEGER)")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    problems = await store.preflight()
+    assert len(problems) == 1 and "not a dbevents eventing DB" in problems[0].message
+    assert path.read_bytes() == before

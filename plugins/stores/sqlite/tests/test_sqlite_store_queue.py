@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import attrs
 import pytest
 from dbevents.protocols import EventFilter, Store, StoreSettings
 from dbevents.testing import MemoryStore, make_event
@@ -250,3 +251,15 @@ async def test_an_event_finished_twice_in_one_batch_keeps_its_row_moving(
     assert [e.id for e in await store.claim({"t": 10}, LEASE, now)] == [a1.id]
     await store.finish([_finish(a1, "delivered")])
     assert [e.id for e in await store.claim({"t": 10}, LEASE, now)] == [a2.id]
+
+
+async def test_find_event_ids_by_prefix(open_sqlite: OpenStore) -> None:
+    store = await open_sqlite()
+    ids = ["ab_1", "ab%2", "abc3", "abx", "b"]
+    await store.enqueue([attrs.evolve(make_event(doc_id=i), id=i) for i in ids], {})
+    assert await store.find_event_ids("ab_", 10) == ["ab_1"]  # "_" is no wildcard
+    assert await store.find_event_ids("ab%", 10) == ["ab%2"]
+    assert await store.find_event_ids("ab", 10) == sorted(ids[:4])
+    assert await store.find_event_ids("ab", 2) == sorted(ids[:4])[:2]
+    assert await store.find_event_ids("abc3", 10) == ["abc3"]
+    assert await store.find_event_ids("c", 10) == []

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from dbevents import SetupError
+from dbevents.hints import command
 from pymongo.errors import OperationFailure
 
 from dbevents_source_mongodb.options import MongoOptions
@@ -30,8 +31,8 @@ REPLICA_SET_HOWTO = (
 
 
 def reset_hint(source: str) -> str:
-    return (f"to start again from now, stop dbevents and run `dbevents mongodb reset-token "
-            f"{source}`, then start it again")
+    return (f"to start again from now, stop dbevents and run "
+            f"`{command(f'mongodb reset-token {source}')}`, then start it again")
 
 
 def topology_error(hello: Mapping[str, Any], where: str) -> SetupError | None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 from dbevents import DbeventsError, Position, SetupError, SourceSettings
+from dbevents.hints import command
 
 from dbevents_source_mongodb.source import MongoSource
 
@@ -51,7 +52,7 @@ def reset_token(state: Any, name: str, yes: bool) -> None:
         _fail(exc)
         return
     click.echo(f"{name}: checkpoint moved from {old or '(none)'} to {new} (now)")
-    click.echo("Start `dbevents run` again; it reads changes made from now on.")
+    click.echo(f"Start `{command('run')}` again; it reads changes made from now on.")
 
 
 async def _reset(state: Any, settings: SourceSettings) -> tuple[Position | None, Position]:

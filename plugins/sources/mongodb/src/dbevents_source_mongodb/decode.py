@@ -9,6 +9,7 @@ from typing import Any
 from bson import json_util
 from bson.timestamp import Timestamp
 from dbevents import Change, Operation, Position, SetupError
+from dbevents.hints import command
 
 from dbevents_source_mongodb.convert import canonical, doc_id, to_json
 
@@ -48,7 +49,7 @@ def position_token(position: Position, source: str) -> dict[str, Any]:
         raise SetupError(
             f"the checkpoint stored for database {source!r} is not a MongoDB resume token "
             f"({position.value[:80]!r}); if it was written by another source type, start "
-            f"this database from now with `dbevents mongodb reset-token {source}`"
+            f"this database from now with `{command(f'mongodb reset-token {source}')}`"
         )
     return token
 

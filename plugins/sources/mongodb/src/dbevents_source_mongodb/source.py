@@ -25,10 +25,12 @@ from dbevents import (
     ChangeBatch,
     Operation,
     Position,
+    Problem,
     SetupError,
     SourceSettings,
     SourceUnavailable,
 )
+from dbevents.backoff import Backoff
 from dbevents.masking import mask_dsn
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.change_stream import AsyncChangeStream
@@ -113,6 +115,17 @@ class MongoSource:
                  url=self.where, collections=self._collections(),
                  full_document=self.options.full_document,
                  full_document_before_change=self.options.full_document_before_change)
+
+    async def preflight(self) -> list[Problem]:
+        """For `dbevents check --connect`: start()'s checks (reachable, a replica
+        set, the database, pre- and post-images), which only read; then close."""
+        try:
+            await self.start()
+        except SetupError as exc:
+            return [Problem(str(exc))]
+        finally:
+            await self.close()
+        return []
 
     def _make_client(self) -> AsyncMongoClient[dict[str, Any]]:
         # tz_aware: times are UTC-aware; DATETIME_AUTO: a date beyond year 9999
@@ -228,8 +241,7 @@ class MongoSource:
     async def _changes(self, since: Position | None) -> AsyncIterator[ChangeBatch]:
         self._token = position_token(since, self.settings.name) if since else None
         self._checkpointed = self._token
-        failures = 0
-        delay = BACKOFF_FIRST
+        backoff = Backoff(BACKOFF_FIRST, BACKOFF_MAX)
         while True:
             self._progressed = False
             try:
@@ -246,17 +258,16 @@ class MongoSource:
             except PyMongoError as exc:
                 error = exc
             if self._progressed:
-                failures, delay = 0, BACKOFF_FIRST
-            failures += 1
-            if failures > MAX_FAILURES:
+                backoff.reset()
+            if backoff.tries >= MAX_FAILURES:
                 raise SourceUnavailable(
                     f"MongoDB at {self.where} failed {MAX_FAILURES} reconnects in a row: "
                     f"{error}") from error
             self.reconnects += 1
+            delay = backoff.next()
             log.warning("change stream failed; reconnecting", database=self.settings.name,
-                        error=str(error), retry_in=delay, attempt=failures)
+                        error=str(error), retry_in=delay, attempt=backoff.tries)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
 
     async def _one_stream(self) -> AsyncIterator[ChangeBatch]:
         """One change stream from ``self._token``, until it ends (invalidate) or fails.

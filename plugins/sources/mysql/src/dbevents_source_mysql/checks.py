@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 import pymysql
 from dbevents import SetupError, SourceUnavailable
+from dbevents.hints import command
 from dbevents.masking import mask_dsn
 
 from dbevents_source_mysql.options import ConnectParams
@@ -40,6 +41,7 @@ class ServerInfo:
     version: str
     server_id: int
     checksum: bool
+    log_bin: bool = True
 
 
 def connect(params: ConnectParams, connect_timeout: float, url: str,
@@ -79,75 +81,100 @@ def check_server(conn: pymysql.connections.Connection[Any], *, schemas: tuple[st
                  server_id: int, server_id_set: bool,
                  tables: frozenset[str] | None = None) -> ServerInfo:
     """Every check that does not need the binlog position; returns facts for the
-    reader."""
+    reader. SetupError lists every problem found, not only the first."""
+    info, problems = server_problems(conn, schemas=schemas, server_id=server_id,
+                                     server_id_set=server_id_set, tables=tables)
+    if problems:
+        raise setup_error(problems)
+    return info
+
+
+def setup_error(problems: list[str]) -> SetupError:
+    if len(problems) == 1:
+        return SetupError(problems[0])
+    return SetupError(f"{len(problems)} problems:\n- " + "\n- ".join(problems))
+
+
+def server_problems(conn: pymysql.connections.Connection[Any], *, schemas: tuple[str, ...],
+                    server_id: int, server_id_set: bool,
+                    tables: frozenset[str] | None = None) -> tuple[ServerInfo, list[str]]:
+    """The server facts, and every setting or privilege to change (each message
+    says how), in the order an operator fixes them."""
     v = variables(conn)
+    problems: list[str] = []
     mariadb = "mariadb" in v.get("version", "").lower()
     cnf = "the server's config ([mysqld] in my.cnf) and restart it"
-    if v.get("log_bin", "OFF").upper() not in ("ON", "1"):
-        raise SetupError(
+    log_bin = v.get("log_bin", "OFF").upper() in ("ON", "1")
+    if not log_bin:
+        problems.append(
             f"the binary log is off (log_bin=OFF): set log_bin (e.g. log_bin=mysql-bin) "
             f"and a server_id in {cnf}")
     fmt = v.get("binlog_format", "").upper()
     if fmt != "ROW":
-        raise SetupError(
+        problems.append(
             f"binlog_format is {fmt or 'unknown'}, not ROW: set binlog_format=ROW in "
             f"{cnf} (or SET GLOBAL binlog_format='ROW'; sessions opened before keep "
             f"the old format)")
     image = v.get("binlog_row_image", "").upper()
     if image != "FULL":
-        raise SetupError(
+        problems.append(
             f"binlog_row_image is {image or 'unknown'}, not FULL (updates and deletes "
             f"would lack columns): set binlog_row_image=FULL in {cnf} (or SET GLOBAL "
             f"binlog_row_image='FULL')")
     if "binlog_row_metadata" not in v:
-        raise SetupError(
+        problems.append(
             f"this server ({v.get('version', '?')}) has no binlog_row_metadata setting: "
             f"it needs MySQL 8.0.14+ or MariaDB 10.5+ (column names travel in the binlog "
             f"only from those versions on)")
-    meta = v["binlog_row_metadata"].upper()
-    if meta != "FULL":
-        raise SetupError(
+    elif (meta := v["binlog_row_metadata"].upper()) != "FULL":
+        problems.append(
             f"binlog_row_metadata is {meta}, not FULL (without it column names arrive as "
             f"UNKNOWN_COL0, UNKNOWN_COL1..): set binlog_row_metadata=FULL in {cnf} "
             f"(or SET GLOBAL binlog_row_metadata='FULL')")
     if v.get("log_bin_compress", "OFF").upper() in ("ON", "1"):
-        raise SetupError("log_bin_compress is ON: compressed row events cannot be "
-                         f"decoded; set log_bin_compress=OFF in {cnf}")
+        problems.append("log_bin_compress is ON: compressed row events cannot be "
+                        f"decoded; set log_bin_compress=OFF in {cnf}")
     if v.get("binlog_transaction_compression", "OFF").upper() in ("ON", "1"):
-        raise SetupError("binlog_transaction_compression is ON: compressed transactions "
-                         f"cannot be decoded; set it OFF in {cnf}")
+        problems.append("binlog_transaction_compression is ON: compressed transactions "
+                        f"cannot be decoded; set it OFF in {cnf}")
     if "PARTIAL_JSON" in v.get("binlog_row_value_options", "").upper():
-        raise SetupError("binlog_row_value_options=PARTIAL_JSON writes JSON updates as "
-                         f"diffs without the full document; set it to '' in {cnf}")
+        problems.append("binlog_row_value_options=PARTIAL_JSON writes JSON updates as "
+                        f"diffs without the full document; set it to '' in {cnf}")
     own_id = int(v.get("server_id", "0") or 0)
     if server_id == own_id:
         hint = ("set a different `server_id` in [databases.NAME]" if server_id_set else
                 "set `server_id` in [databases.NAME] to a number no server or replica uses")
-        raise SetupError(f"the reader's server_id {server_id} is the server's own "
-                         f"server_id: {hint}")
+        problems.append(f"the reader's server_id {server_id} is the server's own "
+                        f"server_id: {hint}")
     user = _user(conn)
     monitor = "BINLOG MONITOR" if mariadb else "REPLICATION CLIENT"
     try:
-        _query(conn, "SHOW BINARY LOGS")
+        if log_bin:  # without a binlog there is nothing to list (and it is an error)
+            _query(conn, "SHOW BINARY LOGS")
     except pymysql.err.OperationalError as exc:
-        if exc.args and exc.args[0] == ER_SPECIFIC_ACCESS_DENIED:
-            raise SetupError(
-                f"the user {user} lacks the {monitor} privilege (needed to list the "
-                f"binlog files and positions): GRANT {monitor} ON *.* TO {user}") from None
-        raise
+        if not exc.args or exc.args[0] != ER_SPECIFIC_ACCESS_DENIED:
+            raise
+        problems.append(
+            f"the user {user} lacks the {monitor} privilege (needed to list the "
+            f"binlog files and positions): GRANT {monitor} ON *.* TO {user}")
     for schema in schemas:
         rows = _query(conn, "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s",
                       (schema,))
         if not rows:
-            raise SetupError(
+            problems.append(
                 f"the database `{schema}` does not exist or the user {user} has no "
                 f"privilege on it: create it, or GRANT SELECT ON `{schema}`.* TO {user} "
                 f"(SELECT lets the source read column metadata); check `schemas` and "
                 f"the URL")
-        check_select(conn, user, schema, _watched_tables(conn, schema, schemas, tables))
+            continue
+        try:
+            check_select(conn, user, schema, _watched_tables(conn, schema, schemas, tables))
+        except SetupError as exc:
+            problems.append(str(exc))
     checksum = v.get("binlog_checksum", "NONE").upper() not in ("NONE", "")
-    return ServerInfo(mariadb=mariadb, version=v.get("version", ""), server_id=own_id,
-                      checksum=checksum)
+    info = ServerInfo(mariadb=mariadb, version=v.get("version", ""), server_id=own_id,
+                      checksum=checksum, log_bin=log_bin)
+    return info, problems
 
 
 def _watched_tables(conn: pymysql.connections.Connection[Any], schema: str,
@@ -258,9 +285,9 @@ def purged_error(name: str, position: BinlogPosition, detail: str) -> SetupError
         f"cannot resume database {name!r} at {position}: {detail}. The changes between "
         f"that checkpoint and the oldest binlog still on the server are lost to dbevents. "
         f"Keep binlogs longer (binlog_expire_logs_seconds / expire_logs_days), then move "
-        f"the checkpoint with the worker stopped: `dbevents mysql reset-position {name}` "
-        f"(the current end of the binlog) or `dbevents mysql reset-position {name} --to "
-        f"earliest`"
+        f"the checkpoint with the worker stopped: `{command(f'mysql reset-position {name}')}` "
+        f"(the current end of the binlog) or "
+        f"`{command(f'mysql reset-position {name} --to earliest')}`"
     )
 
 

@@ -28,6 +28,7 @@ import attrs
 import pymysql
 import structlog
 from dbevents import Change, Operation, SetupError, SourceUnavailable
+from dbevents.backoff import Backoff
 from dbevents.masking import mask_dsn
 
 from dbevents_source_mysql import checks
@@ -173,7 +174,7 @@ class BinlogReader:
     def _run(self) -> None:
         cfg = self.config
         failing_since: float | None = None
-        delay = 0.5
+        backoff = Backoff(0.5, 30.0)
         while not self._stop.is_set():
             try:
                 self._stream()
@@ -192,18 +193,19 @@ class BinlogReader:
                     raise SetupError(f"{mask_dsn(cfg.url)}: {exc.args[-1]}") from None
                 now = time.monotonic()
                 if self._streaming:
-                    failing_since, delay = None, 0.5
+                    failing_since = None
+                    backoff.reset()
                 failing_since = failing_since or now
                 if now - failing_since > cfg.reconnect_timeout:
                     raise SourceUnavailable(
                         f"{mask_dsn(cfg.url)}: binlog connection lost and not back after "
                         f"{cfg.reconnect_timeout:.0f}s: {exc}") from None
                 self.reconnects += 1
+                delay = backoff.next()
                 log.warning("binlog connection lost; reconnecting", database=cfg.name,
                             url=mask_dsn(cfg.url), error=str(exc), retry_in=round(delay, 1),
                             resume=str(self.resume))
                 self._stop.wait(delay)
-                delay = min(delay * 2, 30.0)
 
     def _stream(self) -> None:
         cfg = self.config

@@ -7,8 +7,18 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
 
+import pymysql
 import structlog
-from dbevents import ChangeBatch, Operation, Position, SetupError, SourceSettings
+from dbevents import (
+    ChangeBatch,
+    Operation,
+    Position,
+    Problem,
+    SetupError,
+    SourceSettings,
+    SourceUnavailable,
+)
+from dbevents.hints import command
 from dbevents.masking import mask_dsn
 
 from dbevents_source_mysql import checks
@@ -80,6 +90,33 @@ class MysqlSource:
         finally:
             conn.close()
 
+    async def preflight(self) -> list[Problem]:
+        """For `dbevents check --connect`: every check start() makes, each problem
+        listed (not only the first); reads only."""
+        return [Problem(p) for p in await asyncio.to_thread(self._preflight)]
+
+    def _preflight(self) -> list[str]:
+        try:
+            conn = self._connect()
+        except (SetupError, SourceUnavailable) as exc:
+            return [str(exc)]
+        try:
+            info, problems = checks.server_problems(
+                conn, schemas=self.schemas, server_id=self.server_id,
+                server_id_set=self.options.server_id is not None, tables=self.settings.tables)
+            # The dump probe needs a binlog, and a reader id that is not the server's.
+            if info.log_bin and info.server_id != self.server_id:
+                try:
+                    checks.check_replication(conn, self.server_id)
+                except SetupError as exc:
+                    problems.append(str(exc))
+            return problems
+        except pymysql.err.MySQLError as exc:
+            return [f"checking {mask_dsn(self.settings.url)} failed: {exc}"]
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+
     async def changes(self, since: Position | None) -> AsyncIterator[ChangeBatch]:
         """From the checkpoint ``since``; with none, from the ``start`` option, whose
         position is yielded first (an empty batch) so the store keeps it at once."""
@@ -129,7 +166,7 @@ class MysqlSource:
                         f"the checkpoint of database {self.settings.name!r} is "
                         f"{since.value!r}, not a MySQL binlog position (did this section "
                         f"change type?); set a new one with the worker stopped: "
-                        f"`dbevents mysql reset-position {self.settings.name}`") from None
+                        f"`{command(f'mysql reset-position {self.settings.name}')}`") from None
             elif self.options.start == "end":
                 position = checks.current_position(conn)
             elif self.options.start == "earliest":

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Collection
+from collections.abc import Awaitable, Collection
+from typing import Any
 
 import attrs
 import psycopg
 import structlog
 from dbevents.errors import SetupError
+from dbevents.hints import command
 from dbevents.masking import mask_dsn
 from psycopg import errors as pgerrors
 from psycopg import sql
@@ -63,20 +65,112 @@ async def run(conn: Conn, plan: Plan) -> tuple[list[TableInfo], bool]:
     return tables, created
 
 
+async def preflight(conn: Conn, plan: Plan) -> list[str]:
+    """What run() checks, reading only: every problem found, each with its fix.
+    Nothing is created; a missing publication or slot is fine when the role may
+    create it at start."""
+    problems: list[str] = []
+
+    async def collect(check: Awaitable[Any]) -> Any:
+        try:
+            return await check
+        except SetupError as exc:
+            problems.append(str(exc))
+            return None
+
+    for setting in ("wal_level", "max_replication_slots", "max_wal_senders"):
+        await collect(check_server(conn, only=setting))
+    role = await collect(check_role(conn))
+    if role is None:
+        cur = await conn.execute("SELECT current_user")
+        row = await cur.fetchone()
+        role = str(row[0]) if row else "?"
+    await collect(check_replication_connection(plan))
+    tables = await watched_tables(conn, plan)
+    try:
+        check_privileges(tables, role)
+    except SetupError as exc:
+        problems.append(str(exc))
+    all_tables = plan.tables is None or plan.publish_all
+    info = await catalog.publication_info(conn, plan.publication)
+    name = sql_ident(plan.publication)
+    if info is None:
+        cur = await conn.execute(
+            "SELECT rolsuper, has_database_privilege(current_database(), 'CREATE')"
+            " FROM pg_roles WHERE rolname = current_user")
+        superuser, may_create = await cur.fetchone() or (False, False)
+        if not all_tables and not tables:
+            problems.append(
+                f"none of the tables the triggers watch in {plan.database!r} exists "
+                f"({', '.join(sorted(plan.tables or ()))}); create them, or set "
+                "publish_all = true to publish every table.")
+        elif all_tables and not superuser:
+            problems.append(
+                f"the publication {plan.publication!r} does not exist and the role {role!r} "
+                f"may not create it FOR ALL TABLES (that needs a superuser): run CREATE "
+                f"PUBLICATION {name} FOR ALL TABLES WITH (publish_via_partition_root = "
+                "true) as a superuser, or name the tables in the triggers.")
+        elif not all_tables and not superuser and not may_create:
+            problems.append(
+                f"the publication {plan.publication!r} does not exist and the role {role!r} "
+                f"may not create it: GRANT CREATE ON DATABASE ... TO {sql_ident(role)} (it "
+                "must also own the tables), or create the publication as a role that may.")
+    else:
+        if all_tables and not info.all_tables:
+            problems.append(
+                f"the publication {plan.publication!r} lists tables, but in "
+                f"{plan.database!r} every table is watched (a trigger names no tables, or "
+                f"publish_all = true). Run DROP PUBLICATION {name} to let dbevents create "
+                "it FOR ALL TABLES, or name another publication with publication = ...")
+        unpublished = [op for op in PUBLISHED_OPERATIONS
+                       if op in plan.operations and not info.publishes(op)]
+        if unpublished:
+            problems.append(
+                f"the publication {plan.publication!r} does not publish "
+                f"{', '.join(unpublished)}, which triggers on {plan.database!r} need. Run "
+                f"ALTER PUBLICATION {name} SET (publish = '{', '.join(PUBLISHED_OPERATIONS)}').")
+    slot = await catalog.slot_info(conn, plan.slot)
+    if slot is None:
+        cur = await conn.execute(
+            "SELECT count(*) >= current_setting('max_replication_slots')::int"
+            " FROM pg_replication_slots")
+        full = await cur.fetchone()
+        if full and full[0]:
+            problems.append(
+                "every replication slot is taken (max_replication_slots): raise "
+                "max_replication_slots and restart PostgreSQL, or drop a slot nobody reads "
+                "(SELECT pg_drop_replication_slot(name))")
+    elif slot.slot_type != "logical" or slot.plugin != "pgoutput":
+        problems.append(
+            f"the replication slot {plan.slot!r} is not a pgoutput logical slot; drop it "
+            f"(`{command(f'postgres drop-slot {plan.database}')}`) if nothing else uses it, "
+            "or give this database its own slot with slot = ...")
+    elif slot.wal_status == "lost":
+        problems.append(
+            f"the replication slot {plan.slot!r} was invalidated: PostgreSQL removed WAL it "
+            "still needed (max_slot_wal_keep_size). Drop it "
+            f"(`{command(f'postgres drop-slot {plan.database}')}`), then restart from now "
+            f"with `{command(f'postgres reset-position {plan.database}')}`.")
+    return problems
+
+
 async def _show(conn: Conn, name: str) -> str:
     cur = await conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name)))
     row = await cur.fetchone()
     return str(row[0]) if row else ""
 
 
-async def check_server(conn: Conn) -> None:
-    wal_level = await _show(conn, "wal_level")
+async def check_server(conn: Conn, only: str | None = None) -> None:
+    """wal_level, max_replication_slots and max_wal_senders (or ``only`` one)."""
+    wal_level = await _show(conn, "wal_level") if only in (None, "wal_level") else "logical"
     if wal_level != "logical":
         raise SetupError(
             f"PostgreSQL runs with wal_level = {wal_level}; capturing changes needs "
             "wal_level = logical. Run ALTER SYSTEM SET wal_level = logical (as a superuser), "
             "then restart PostgreSQL.")
     for setting in ("max_replication_slots", "max_wal_senders"):
+        if only not in (None, setting):
+            continue
         if int(await _show(conn, setting)) < 1:
             raise SetupError(
                 f"PostgreSQL runs with {setting} = 0; dbevents needs at least one. Run "
@@ -262,8 +356,8 @@ async def ensure_slot(conn: Conn, plan: Plan) -> bool:
         raise SetupError(
             f"the replication slot {plan.slot!r} was invalidated: PostgreSQL removed WAL it "
             "still needed (max_slot_wal_keep_size), so changes were lost. Drop it "
-            f"(dbevents postgres drop-slot {plan.database}), then restart from now with "
-            f"dbevents postgres reset-position {plan.database}.")
+            f"(`{command(f'postgres drop-slot {plan.database}')}`), then restart from now "
+            f"with `{command(f'postgres reset-position {plan.database}')}`.")
     deadline = time.monotonic() + plan.slot_release_wait
     while info.active and time.monotonic() < deadline:
         await asyncio.sleep(0.05)

@@ -175,10 +175,6 @@ class ReplicationStream:
         stream._flush = max(confirmed_lsn, slot_confirmed)
         return stream
 
-    @property
-    def flush_lsn(self) -> int:
-        return self._flush
-
     # -- reading -----------------------------------------------------------------------
     def read_nowait(self) -> bytes | None:
         """The next CopyData payload if one is already here (buffered, or readable

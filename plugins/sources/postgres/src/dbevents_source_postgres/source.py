@@ -24,9 +24,11 @@ from typing import Any, ClassVar
 import attrs
 import psycopg
 import structlog
+from dbevents.backoff import Backoff
 from dbevents.errors import SetupError, SourceUnavailable
+from dbevents.hints import command
 from dbevents.masking import mask_dsn
-from dbevents.protocols import SourceSettings
+from dbevents.protocols import Problem, SourceSettings
 from dbevents.values import Change, ChangeBatch, Operation, Position, RawJSON
 
 from dbevents_source_postgres import catalog, checks
@@ -148,20 +150,38 @@ class PostgresSource:
             raise SetupError(
                 f"cannot connect to {mask_dsn(self.settings.url)} (database "
                 f"{self.settings.name!r}): {_first_line(exc)}") from None
-        plan = checks.Plan(
+        try:
+            _, self._slot_created = await checks.run(conn, self._plan())
+        except psycopg.Error as exc:
+            raise SetupError(f"checking {mask_dsn(self.settings.url)} failed: "
+                             f"{_first_line(exc)}") from None
+        log.info("postgres source ready", database=self.settings.name, slot=self.slot,
+                 publication=self.publication, url=mask_dsn(self.settings.url))
+
+    async def preflight(self) -> list[Problem]:
+        """For `dbevents check --connect`: every check start() makes, each problem
+        listed; creates no slot and no publication."""
+        try:
+            conn = await catalog.connect(self.settings.url, self.options.connect_timeout)
+        except psycopg.Error as exc:
+            return [Problem(f"cannot connect to {mask_dsn(self.settings.url)} (database "
+                            f"{self.settings.name!r}): {_first_line(exc)}")]
+        try:
+            problems = await checks.preflight(conn, self._plan())
+        except psycopg.Error as exc:
+            problems = [f"checking {mask_dsn(self.settings.url)} failed: {_first_line(exc)}"]
+        finally:
+            await conn.close()
+        return [Problem(p) for p in problems]
+
+    def _plan(self) -> checks.Plan:
+        return checks.Plan(
             database=self.settings.name, url=self.settings.url, slot=self.slot,
             publication=self.publication, tables=self.settings.tables,
             publish_all=self.options.publish_all,
             operations=frozenset(o.value for o in self._ops),
             connect_timeout=self.options.connect_timeout,
             slot_release_wait=self.slot_release_wait)
-        try:
-            _, self._slot_created = await checks.run(conn, plan)
-        except psycopg.Error as exc:
-            raise SetupError(f"checking {mask_dsn(self.settings.url)} failed: "
-                             f"{_first_line(exc)}") from None
-        log.info("postgres source ready", database=self.settings.name, slot=self.slot,
-                 publication=self.publication, url=mask_dsn(self.settings.url))
 
     async def _refuse_new_slot(self, since: Position) -> None:
         """A checkpoint exists but the slot did not: PostgreSQL no longer holds the
@@ -176,7 +196,8 @@ class PostgresSource:
             f"dbevents had captured up to {since.value}: it was dropped (or the database was "
             "replaced), so PostgreSQL no longer has the changes made since, and they cannot "
             "be captured. To go on from now, accepting that gap, run "
-            f"`dbevents postgres reset-position {self.settings.name}` with dbevents stopped.")
+            f"`{command(f'postgres reset-position {self.settings.name}')}` with dbevents "
+            "stopped.")
 
     async def close(self) -> None:
         stream, self._stream = self._stream, None
@@ -224,20 +245,21 @@ class PostgresSource:
         # handed out beyond it was not stored.
         self._confirmed = max(self._confirmed, resume)
         self._yielded = resume
-        delay = 0.25
+        backoff = Backoff(0.25, 10.0)
         failing_since: float | None = None
         while True:
             try:
                 stream = await self._open(resume)
             except (ConnectionLost, psycopg.OperationalError) as exc:
                 failing_since = failing_since or time.monotonic()
-                delay = await self._backoff(exc, delay, failing_since, resume)
+                await self._backoff(exc, backoff, failing_since, resume)
                 continue
             self._stream = stream
             try:
                 async with contextlib.aclosing(self._session(stream, resume)) as batches:
                     async for batch in batches:
-                        failing_since, delay = None, 0.25
+                        failing_since = None
+                        backoff.reset()
                         if batch.checkpoint is not None:
                             resume = parse_lsn(batch.checkpoint.value)
                         yield batch
@@ -246,28 +268,28 @@ class PostgresSource:
                 self._raise_if_setup(exc.sqlstate, exc)
                 failing_since = failing_since or time.monotonic()
                 await stream.close()
-                delay = await self._backoff(exc, delay, failing_since, resume)
+                await self._backoff(exc, backoff, failing_since, resume)
             except (ConnectionLost, psycopg.OperationalError) as exc:
                 failing_since = failing_since or time.monotonic()
                 await stream.close()
-                delay = await self._backoff(exc, delay, failing_since, resume)
+                await self._backoff(exc, backoff, failing_since, resume)
             finally:
                 if self._stream is stream:
                     self._stream = None
                 await stream.close()
 
-    async def _backoff(self, exc: BaseException, delay: float, failing_since: float,
-                       resume: int) -> float:
+    async def _backoff(self, exc: BaseException, backoff: Backoff, failing_since: float,
+                       resume: int) -> None:
         waited = time.monotonic() - failing_since
         if waited > self.options.reconnect_for:
             raise SourceUnavailable(
                 f"the replication stream of {self.settings.name!r} "
                 f"({mask_dsn(self.settings.url)}) has been unavailable for {waited:.0f}s: "
                 f"{_first_line(exc)}") from None
+        delay = backoff.next()
         log.warning("replication stream unavailable; reconnecting", database=self.settings.name,
                     error=_first_line(exc), resume=format_lsn(resume), retry_in=round(delay, 2))
         await asyncio.sleep(delay)
-        return min(delay * 2, 10.0)
 
     async def _open(self, resume: int) -> ReplicationStream:
         try:

@@ -27,8 +27,6 @@ JSON, XML, FLOAT4, FLOAT8, MONEY = 114, 142, 700, 701, 790
 BPCHAR, VARCHAR, DATE, TIME, TIMESTAMP, TIMESTAMPTZ = 1042, 1043, 1082, 1083, 1114, 1184
 INTERVAL, TIMETZ, NUMERIC, UUID, JSONB = 1186, 1266, 1700, 2950, 3802
 
-FIRST_USER_OID = 16384  # FirstNormalObjectId: OIDs below are built in
-
 
 def to_int(text: str) -> int:
     return int(text)

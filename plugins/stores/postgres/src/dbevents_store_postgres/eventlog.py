@@ -70,6 +70,16 @@ async def get_event(conn: Conn, q: Statements, event_id: str) -> Event | None:
     return None if row is None else event_from_row(row)
 
 
+async def find_event_ids(conn: Conn, q: Statements, prefix: str, limit: int) -> list[str]:
+    # starts_with, not a range: a range follows the column's collation, which
+    # need not order strings by their characters.
+    rows = await (await conn.execute(
+        render("SELECT id FROM {schema}.events WHERE starts_with(id, %s) "
+               'ORDER BY id COLLATE "C" LIMIT %s', q.loc.schema),
+        (prefix, limit))).fetchall()
+    return [str(r[0]) for r in rows]
+
+
 async def attempts(conn: Conn, q: Statements, event_id: str) -> list[Attempt]:
     rows = await (await conn.execute(render(
         f"SELECT {ATTEMPT_COLUMNS} FROM {{schema}}.attempts a "

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import psycopg
 import structlog
+from dbevents.backoff import Backoff
 from psycopg import sql
 
 from dbevents_store_postgres.url import Location
@@ -58,20 +59,20 @@ class Listener:
                 log.exception("wake callback failed")
 
     async def _run(self) -> None:
-        delay = self.RETRY_MIN
+        backoff = Backoff(self.RETRY_MIN, self.RETRY_MAX)
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(self.loc.conninfo, autocommit=True)
             except psycopg.Error as exc:
+                delay = backoff.next()
                 log.warning("cannot connect to listen for new events; retrying",
                             store=self.loc.display, error=_short(exc), retry_in=delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self.RETRY_MAX)
                 continue
             try:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.loc.channel)))
                 self.connected.set()
-                delay = self.RETRY_MIN
+                backoff.reset()
                 self._wake()  # whatever was enqueued while nobody listened
                 while True:
                     async for _ in conn.notifies(timeout=self.PING_EVERY):
@@ -80,13 +81,13 @@ class Listener:
                     await conn.execute("SELECT 1")
             except psycopg.Error as exc:
                 self.connected.clear()
+                delay = backoff.next()
                 log.warning("listen connection lost; reconnecting", store=self.loc.display,
                             error=_short(exc), retry_in=delay)
             finally:
                 with contextlib.suppress(Exception):
                     await conn.close()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self.RETRY_MAX)
 
 
 def _short(exc: BaseException) -> str:

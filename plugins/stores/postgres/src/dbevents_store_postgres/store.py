@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import psycopg
 import structlog
 from dbevents.errors import SetupError, StoreUnavailable
-from dbevents.protocols import EventFilter, StoreSettings, TriggerStats
+from dbevents.protocols import EventFilter, Problem, StoreSettings, TriggerStats
 from dbevents.values import Attempt, Event, Finish, Position, Status
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -88,6 +88,46 @@ class PostgresStore:
                  version=len(self.MIGRATIONS), migrated_from=migrated, role=self.settings.role)
         if self._listener.wakers:
             self._listener.start()
+
+    async def preflight(self) -> list[Problem]:
+        """For `dbevents check --connect`: what open() checks (reachable, writable,
+        version, the right to create the schema or the grants on it), creating and
+        migrating nothing."""
+        loc = self.location
+        try:
+            conn = await psycopg.AsyncConnection.connect(loc.conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            return [Problem(str(diagnose.connect_error(exc, loc)))]
+        problems: list[SetupError] = []
+        try:
+            row = await (await conn.execute(
+                "SELECT pg_is_in_recovery(), current_setting('transaction_read_only'), "
+                "current_setting('server_version_num')::int, "
+                "has_database_privilege(current_database(), 'CREATE'), "
+                "(SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename = ANY(%s))",
+                (loc.schema, list(schema.TABLES)))).fetchone()
+            assert row is not None
+            in_recovery, read_only, server_version, may_create, tables = row
+            if in_recovery or read_only == "on":
+                problems.append(diagnose.read_only(loc, in_recovery))
+            if server_version < MIN_SERVER_VERSION:
+                problems.append(SetupError(
+                    f"the eventing DB {loc.display} runs PostgreSQL "
+                    f"{server_version // 10000}; dbevents needs 12 or newer"))
+            exists = await (await conn.execute(
+                "SELECT 1 FROM pg_namespace WHERE nspname = %s", (loc.schema,))).fetchone()
+            if exists is None and not may_create:
+                problems.append(diagnose.cannot_create_schema(
+                    loc, psycopg.errors.InsufficientPrivilege("permission denied for database")))
+            elif tables == len(schema.TABLES):
+                grants = await schema.missing_privileges(conn, loc)
+                if grants:
+                    problems.append(diagnose.missing_grants(loc, grants))
+        except psycopg.Error as exc:
+            problems.append(diagnose.connect_error(exc, loc))
+        finally:
+            await conn.close()
+        return [Problem(str(p)) for p in problems]
 
     async def _prepare(self, conn: Conn) -> int | None:
         """Checks, schema creation or migration, privileges, instance id."""
@@ -230,17 +270,15 @@ class PostgresStore:
         if self._pool is not None:
             self._listener.start()
 
-    async def listening(self) -> None:
-        """Return once the LISTEN is in place (for callers that must not miss
-        the next notification, such as tests)."""
-        await self._listener.connected.wait()
-
     # -- the log ----------------------------------------------------------------
     async def list_events(self, flt: EventFilter) -> list[Event]:
         return await self._run(eventlog.list_events, flt)
 
     async def get_event(self, event_id: str) -> Event | None:
         return await self._run(eventlog.get_event, event_id)
+
+    async def find_event_ids(self, prefix: str, limit: int) -> list[str]:
+        return await self._run(eventlog.find_event_ids, prefix, limit)
 
     async def attempts(self, event_id: str) -> list[Attempt]:
         return await self._run(eventlog.attempts, event_id)

@@ -50,6 +50,14 @@ def get_event(conn: sqlite3.Connection, event_id: str) -> Event | None:
     return None if row is None else event_from_row(row)
 
 
+def find_event_ids(conn: sqlite3.Connection, prefix: str, limit: int) -> list[str]:
+    # A range rather than LIKE, so the unique index on id is used (and "_" or
+    # "%" in a prefix mean themselves).
+    rows = conn.execute("SELECT id FROM events WHERE id >= ? AND id < ? ORDER BY id LIMIT ?",
+                        (prefix, prefix + "\U0010ffff", limit)).fetchall()
+    return [str(r[0]) for r in rows]
+
+
 def attempts(conn: sqlite3.Connection, event_id: str) -> list[Attempt]:
     rows = conn.execute(
         f"SELECT {ATTEMPT_COLUMNS} FROM attempts a JOIN events e ON e.seq = a.event_seq "

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import structlog
 from dbevents.errors import SetupError, StoreUnavailable
-from dbevents.protocols import EventFilter, StoreSettings, TriggerStats
+from dbevents.protocols import EventFilter, Problem, StoreSettings, TriggerStats
 from dbevents.values import Attempt, Event, Finish, Position, Status
 
 from dbevents_store_sqlite import eventlog, eventqueue, schema
@@ -67,6 +67,34 @@ class SqliteStore:
              migrated_from=migrated or None, synchronous=self.location.synchronous,
              leases_released=released or None)
         self._start_watcher()
+
+    async def preflight(self) -> list[Problem]:
+        """For `dbevents check --connect`: what open() checks, without creating or
+        migrating anything (the file is opened read-only, if it exists)."""
+        return await asyncio.to_thread(self._preflight)
+
+    def _preflight(self) -> list[Problem]:
+        path = self.location.path
+        if path is None:  # in memory: nothing that could be wrong yet
+            return []
+        try:
+            _preflight(path)
+        except SetupError as exc:
+            return [Problem(str(exc))]
+        if not path.exists():
+            return []  # created by the first `dbevents run`
+        try:
+            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                version, app_id, tables = schema.read_version(conn)
+                schema.check(str(self.location), version, app_id, tables)
+            finally:
+                conn.close()
+        except SetupError as exc:
+            return [Problem(str(exc))]
+        except sqlite3.Error as exc:
+            return [Problem(str(_open_error(exc, self.location)))]
+        return []
 
     def _open(self) -> tuple[int | None, int]:
         """In the store's thread: checks, lock, connection, schema, leases."""
@@ -227,6 +255,9 @@ class SqliteStore:
 
     async def get_event(self, event_id: str) -> Event | None:
         return await self._call(eventlog.get_event, event_id)
+
+    async def find_event_ids(self, prefix: str, limit: int) -> list[str]:
+        return await self._call(eventlog.find_event_ids, prefix, limit)
 
     async def attempts(self, event_id: str) -> list[Attempt]:
         return await self._call(eventlog.attempts, event_id)
