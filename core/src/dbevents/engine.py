@@ -25,6 +25,7 @@ from dbevents.masking import mask_dsn
 from dbevents.matching import TriggerMatcher
 from dbevents.plugins import Plugins
 from dbevents.protocols import Sink, Source, SourceSettings, Store, StoreSettings
+from dbevents.services import make_services
 from dbevents.values import ChangeBatch, Position, Status
 
 log = structlog.get_logger("dbevents.engine")
@@ -88,6 +89,11 @@ class Engine:
             # second worker) wakes this dispatcher too.
             self.store.subscribe(self.dispatcher.wake)
             self.source_id = self.config.eventing.source_id or await self.store.instance_id()
+            # Services (e.g. [admin]) start once the store is open; closed with the rest.
+            for service in make_services(self.config, self.plugins, self.store,
+                                         self.dispatcher.wake):
+                await service.start()
+                opened.append(service)
             for name, source in self.sources.items():
                 await source.start()
                 opened.append(source)

@@ -36,5 +36,11 @@ def register_matchers(register: Register) -> None:
 
 
 @hookspec
+def register_services(register: Register) -> None:
+    """register("admin", AdminService): a service that runs beside the engine,
+    configured by the top-level table of that name ([admin])."""
+
+
+@hookspec
 def register_commands(cli: click.Group) -> None:
     """Add click commands or groups to the `dbevents` launcher."""

@@ -19,7 +19,7 @@ from dbevents import hookspecs
 from dbevents.errors import PluginError
 
 GROUP = "dbevents"
-KINDS = ("source", "sink", "store", "matcher")
+KINDS = ("source", "sink", "store", "matcher", "service")
 log = structlog.get_logger("dbevents.plugins")
 
 
