@@ -55,9 +55,14 @@ def pretty(raw: bytes | str | None) -> str:
         return ""
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
-        return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+        value = json.loads(text)
     except ValueError:
         return text
+    # Indented only when nothing changes on the way (a number such as 1e400 or
+    # 12345678901234567.89 would): otherwise the text as stored.
+    if json.dumps(value, separators=(",", ":"), ensure_ascii=False) != text.strip():
+        return text
+    return json.dumps(value, indent=2, ensure_ascii=False)
 
 
 async def index(request: web.Request) -> web.Response:
