@@ -15,7 +15,7 @@ from dbevents import DbeventsError, SetupError, hookimpl
 from dbevents.protocols import ServiceContext, Store
 
 from dbevents_admin.app import build_app
-from dbevents_admin.options import Options
+from dbevents_admin.options import Options as AdminOptions
 
 log = structlog.get_logger("dbevents.admin")
 
@@ -23,10 +23,10 @@ log = structlog.get_logger("dbevents.admin")
 class AdminService:
     """The admin API and console, served by `dbevents run` when [admin] is set."""
 
-    Options = Options
+    Options = AdminOptions
 
-    def __init__(self, options: Options | None, context: ServiceContext) -> None:
-        self.options = options or Options()
+    def __init__(self, options: AdminOptions | None, context: ServiceContext) -> None:
+        self.options = options or AdminOptions()
         self.context = context
         self.runner: web.AppRunner | None = None
 
@@ -74,7 +74,7 @@ def console(state: Any, listen: str | None) -> None:
     """Serve the admin API and web console from the store, without capturing."""
     try:
         cfg = state.config
-        options = cfg.services.get("admin") or Options()
+        options = cfg.services.get("admin") or AdminOptions()
         if listen is not None:
             options = attrs.evolve(options, listen=listen)
         store = state.store("admin")
