@@ -20,7 +20,7 @@ ROW = re.compile(r"^\| `([a-z_]+)` \| ([^|]*) \|", re.MULTILINE)
 def test_every_plugin_key_is_documented() -> None:
     loaded = plugins.load()
     missing = []
-    for kind in ("source", "sink", "matcher"):
+    for kind in ("source", "sink", "matcher", "service"):
         for name in loaded.names(kind):
             options = getattr(loaded.get(kind, name), "Options", None)
             if options is None:

@@ -58,6 +58,8 @@ class Config:
     databases: Mapping[str, DatabaseConfig]
     triggers: tuple[Trigger, ...]
     path: Path | None = None
+    # The tables of registered services present in the file: name -> its Options.
+    services: Mapping[str, Any] = attrs.field(factory=dict)
 
     @property
     def dir(self) -> Path:
@@ -252,13 +254,26 @@ def parse(raw: Mapping[str, Any], plugins: Plugins, environ: Mapping[str, str] |
     plugins.check()
     environ = os.environ if environ is None else environ
     data = interpolate(dict(raw), "", environ)
+    known = ("eventing", "databases", "triggers", *plugins.names("service"))
     for key in data:
-        if key not in ("eventing", "databases", "triggers"):
-            raise _unknown(key, ("eventing", "databases", "triggers"), "", "the config")
+        if key not in known:
+            raise _unknown(key, known, "", "the config")
     eventing = _eventing(_table(data.get("eventing", {}), "eventing"), path)
     databases = _databases(_table(data.get("databases", {}), "databases"), plugins)
     triggers = _triggers(data.get("triggers", []), databases, plugins)
-    return Config(eventing=eventing, databases=databases, triggers=triggers, path=path)
+    services = {name: _service(name, _table(data[name], _join("", name)), plugins)
+                for name in plugins.names("service") if name in data}
+    return Config(eventing=eventing, databases=databases, triggers=triggers, path=path,
+                  services=services)
+
+
+def _service(name: str, raw: dict[str, Any], plugins: Plugins) -> Any:
+    cls = options_class(plugins.get("service", name))
+    if cls is None:
+        if raw:
+            raise _unknown(next(iter(raw)), (), name, f"[{name}]")
+        return None
+    return structure(cls, raw, name, f"[{name}]")
 
 
 def _table(value: Any, path: str) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from dbevents.protocols import (
     StoreSettings,
     initial_position,
 )
+from dbevents.services import make_services
 from dbevents.values import ChangeBatch, Position, Status
 
 log = structlog.get_logger("dbevents.engine")
@@ -99,6 +100,11 @@ class Engine:
             # second worker) wakes this dispatcher too.
             self.store.subscribe(self.dispatcher.wake)
             self.source_id = self.config.eventing.source_id or await self.store.instance_id()
+            # Services (e.g. [admin]) start once the store is open; closed with the rest.
+            for service in make_services(self.config, self.plugins, self.store,
+                                         self.dispatcher.wake):
+                await service.start()
+                opened.append(service)
             for name, source in self.sources.items():
                 await source.start()
                 opened.append(source)

@@ -9,7 +9,7 @@ from typing import Any
 import click
 import pluggy
 
-from dbevents.protocols import Matcher, Sink, Source, Store
+from dbevents.protocols import Matcher, Service, Sink, Source, Store
 
 hookspec = pluggy.HookspecMarker("dbevents")
 hookimpl = pluggy.HookimplMarker("dbevents")
@@ -21,6 +21,7 @@ RegisterSource = Callable[[str, type[Source]], None]
 RegisterSink = Callable[[str, type[Sink]], None]
 RegisterStore = Callable[[str, type[Store]], None]
 RegisterMatcher = Callable[[str, type[Matcher]], None]
+RegisterService = Callable[[str, type[Service]], None]
 
 
 @hookspec
@@ -41,6 +42,12 @@ def register_stores(register: RegisterStore) -> None:
 @hookspec
 def register_matchers(register: RegisterMatcher) -> None:
     """register("filter", RowFilter): extra trigger keys that narrow matching."""
+
+
+@hookspec
+def register_services(register: RegisterService) -> None:
+    """register("admin", AdminService): a service that runs beside the engine,
+    configured by the top-level table of that name ([admin])."""
 
 
 @hookspec

@@ -26,6 +26,7 @@ from dbevents.protocols import (
     DATABASE_KEYS,
     TRIGGER_KEYS,
     Matcher,
+    Service,
     Sink,
     Source,
     Store,
@@ -36,10 +37,10 @@ from dbevents.protocols import (
 from dbevents.values import Operation
 
 GROUP = "dbevents"
-KINDS = ("source", "sink", "store", "matcher")
-Kind = Literal["source", "sink", "store", "matcher"]
+KINDS = ("source", "sink", "store", "matcher", "service")
+Kind = Literal["source", "sink", "store", "matcher", "service"]
 PROTOCOLS: dict[str, type] = {"source": Source, "sink": Sink, "store": Store,
-                              "matcher": Matcher}
+                              "matcher": Matcher, "service": Service}
 log = structlog.get_logger("dbevents.plugins")
 
 
@@ -167,6 +168,8 @@ class Plugins:
     def get(self, kind: Literal["store"], name: str) -> type[Store]: ...
     @overload
     def get(self, kind: Literal["matcher"], name: str) -> type[Matcher]: ...
+    @overload
+    def get(self, kind: Literal["service"], name: str) -> type[Service]: ...
     @overload
     def get(self, kind: str, name: str) -> Any: ...
     def get(self, kind: str, name: str) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import attrs
 
@@ -27,6 +27,10 @@ from dbevents.values import (
     Status,
     Trigger,
 )
+
+if TYPE_CHECKING:
+    from dbevents.config import Config
+    from dbevents.plugins import Plugins
 
 
 @attrs.frozen
@@ -153,6 +157,13 @@ class EventFilter:
     limit: int = 100
     # The events one batch request carried, in their order in it.
     request_id: str | None = None
+    table: str | None = None
+    doc_id: str | None = None
+    # created_at within [since, until)
+    since: datetime | None = None
+    until: datetime | None = None
+    # Paging, newest first: only events whose seq is below this one.
+    before_seq: int | None = None
 
 
 @attrs.frozen
@@ -298,6 +309,34 @@ class FindsEventIds(Protocol):
     async def find_event_ids(self, prefix: str, limit: int) -> list[str]:
         """Up to ``limit`` ids of stored events that start with ``prefix``, sorted."""
         ...
+class ServiceContext(Protocol):
+    """What a service is handed: the open store, the config, the plugins."""
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def plugins(self) -> Plugins: ...
+
+    def wake(self) -> None:
+        """Tell this process's dispatcher that work is due (after a redeliver)."""
+
+
+@runtime_checkable
+class Service(Protocol):
+    """Runs beside the engine (e.g. an HTTP server), configured by the top-level
+    table of its registered name. ``Options`` (attrs) are that table's keys; the
+    service runs only when the config has the table. ``start`` is called after
+    the store opens (raise SetupError with the fix), ``close`` on shutdown."""
+
+    def __init__(self, options: Any, context: ServiceContext) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 __all__ = [
@@ -310,6 +349,8 @@ __all__ = [
     "Matcher",
     "Preflight",
     "Problem",
+    "Service",
+    "ServiceContext",
     "Sink",
     "Source",
     "SourceSettings",

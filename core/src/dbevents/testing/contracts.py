@@ -257,6 +257,23 @@ class StoreContract:
         assert len(await store.list_events(EventFilter(status=Status.DELIVERING))) == 1
         assert len(await store.list_events(EventFilter(limit=2))) == 2
 
+    async def test_filters_by_table_doc_time_and_pages_by_seq(self, store: Store) -> None:
+        started = _now() - timedelta(seconds=1)
+        evs = [make_event(doc_id=str(i), table="users" if i < 3 else "orders")
+               for i in range(5)]
+        await store.enqueue(evs, {})
+        assert len(await store.list_events(EventFilter(table="orders"))) == 2
+        [one] = await store.list_events(EventFilter(doc_id="1", table="users"))
+        assert one.id == evs[1].id
+        later = _now() + timedelta(seconds=5)
+        assert len(await store.list_events(EventFilter(since=started, until=later))) == 5
+        assert await store.list_events(EventFilter(since=later)) == []
+        assert await store.list_events(EventFilter(until=started)) == []
+        # Newest first; each page continues below the last seq seen.
+        first = await store.list_events(EventFilter(limit=2))
+        rest = await store.list_events(EventFilter(limit=10, before_seq=first[-1].seq))
+        assert [e.id for e in first + rest] == [e.id for e in reversed(evs)]
+
     async def test_instance_id_is_kept(self, store: Store,
                                        open_store: Callable[..., Awaitable[Store]]) -> None:
         first = await store.instance_id()

@@ -342,7 +342,14 @@ class MemoryStore:
         evs = [e for e in self.s.events.values()
                if (flt.status is None or e.status is flt.status)
                and (flt.trigger is None or e.trigger == flt.trigger)
-               and (flt.database is None or e.database == flt.database)]
+               and (flt.database is None or e.database == flt.database)
+               and (flt.table is None or e.table == flt.table)
+               and (flt.doc_id is None or e.doc_id == flt.doc_id)
+               and (flt.since is None or (e.created_at is not None
+                                          and e.created_at >= flt.since))
+               and (flt.until is None or (e.created_at is not None
+                                          and e.created_at < flt.until))
+               and (flt.before_seq is None or e.seq < flt.before_seq)]
         return sorted(evs, key=lambda e: e.seq, reverse=True)[: flt.limit]
 
     async def get_event(self, event_id: str) -> Event | None:

@@ -50,10 +50,14 @@ async def list_events(conn: Conn, q: Statements, flt: EventFilter) -> list[Event
         return [event_from_row(r) for r in rows]
     where: list[sql.Composable] = []
     params: list[Any] = []
-    for column, value in (("status", flt.status.value if flt.status else None),
-                          ("trigger_name", flt.trigger), ("database_name", flt.database)):
+    for column, op, value in (("status", "=", flt.status.value if flt.status else None),
+                              ("trigger_name", "=", flt.trigger),
+                              ("database_name", "=", flt.database),
+                              ("table_name", "=", flt.table), ("doc_id", "=", flt.doc_id),
+                              ("created_at", ">=", flt.since), ("created_at", "<", flt.until),
+                              ("seq", "<", flt.before_seq)):
         if value is not None:
-            where.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
+            where.append(sql.SQL("{} " + op + " %s").format(sql.Identifier(column)))
             params.append(value)
     query = sql.SQL("SELECT {columns} FROM {schema}.events {where} ORDER BY seq DESC LIMIT %s"
                     ).format(columns=sql.SQL(EVENT_COLUMNS), schema=sql.Identifier(q.loc.schema),

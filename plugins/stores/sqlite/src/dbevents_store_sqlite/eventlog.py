@@ -18,6 +18,7 @@ from dbevents_store_sqlite.rows import (
     attempt_from_row,
     event_from_row,
     now_us,
+    to_us,
 )
 
 FINISHED = (Status.DELIVERED, Status.FAILED)
@@ -32,11 +33,16 @@ def list_events(conn: sqlite3.Connection, flt: EventFilter) -> list[Event]:
                ") ON event_seq = seq ORDER BY place LIMIT ?")
         return [event_from_row(r)
                 for r in conn.execute(sql, (flt.request_id, max(0, flt.limit)))]
-    where, params = [], []
-    for column, value in (("status", flt.status.value if flt.status else None),
-                          ("trigger_name", flt.trigger), ("database_name", flt.database)):
+    where: list[str] = []
+    params: list[object] = []
+    for term, value in (("status = ?", flt.status.value if flt.status else None),
+                        ("trigger_name = ?", flt.trigger), ("database_name = ?", flt.database),
+                        ("table_name = ?", flt.table), ("doc_id = ?", flt.doc_id),
+                        ("created_at >= ?", to_us(flt.since) if flt.since else None),
+                        ("created_at < ?", to_us(flt.until) if flt.until else None),
+                        ("seq < ?", flt.before_seq)):
         if value is not None:
-            where.append(f"{column} = ?")
+            where.append(term)
             params.append(value)
     sql = (f"SELECT {EVENT_COLUMNS} FROM events"
            + (f" WHERE {' AND '.join(where)}" if where else "")

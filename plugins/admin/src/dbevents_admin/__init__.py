@@ -1,0 +1,1 @@
+"""dbevents-admin: the admin API and the web console."""

@@ -1,0 +1,3 @@
+from plugins.admin.tests.support import admin
+
+__all__ = ["admin"]
