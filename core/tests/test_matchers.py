@@ -20,6 +20,7 @@ from dbevents.matching import TriggerMatcher
 from dbevents.plugins import Plugins
 from dbevents.testing import DELIVERIES, database, isolated_plugins, reset
 from dbevents.testing.memory import STORES
+from structlog.testing import capture_logs
 
 
 @attrs.frozen
@@ -152,3 +153,58 @@ async def test_the_engine_delivers_only_what_the_matcher_lets_through(plugins: P
     stored = sorted((e.trigger, e.doc_id) for e in STORES["m"].events.values())
     assert stored == sorted([("paid", "1"), ("paid", "3"), ("paid", "5")]
                             + [("every-order", str(n)) for n in range(len(statuses))])
+
+
+# -- what a matcher compiles at load, and what it raises at run time ------------
+
+def _positive(inst: Any, attribute: Any, value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"must be above 0, got {value} (column 3)")
+
+
+@attrs.frozen
+class MinOptions:
+    min_id: int = attrs.field(validator=_positive)
+
+
+class MinMatcher:
+    """Takes rows whose id is at least min_id; raises on a row whose id is no number."""
+
+    Options = MinOptions
+
+    def matches(self, change: Change, options: MinOptions) -> bool:
+        return bool((change.doc or {}).get("id", 0) >= options.min_id)
+
+
+class MinPlugin:
+    @hookimpl
+    def register_matchers(self, register: Callable[[str, Any], None]) -> None:
+        register("min", MinMatcher)
+
+
+def test_a_validator_error_names_the_key_and_the_trigger() -> None:
+    plugins = isolated_plugins(("min-plugin", MinPlugin()))
+    with pytest.raises(ConfigError) as info:
+        parse(plugins, CONFIG.replace('statuses = ["paid", "refunded"]', "min_id = 0"))
+    assert info.value.path == "triggers[0].min_id"
+    assert "must be above 0, got 0 (column 3) (trigger 'paid')" in str(info.value)
+    assert info.value.exit_code == 2
+
+
+def test_a_matcher_that_raises_drops_the_change_with_one_warning_a_minute() -> None:
+    plugins = isolated_plugins(("min-plugin", MinPlugin()))
+    c = parse(plugins, CONFIG.replace('statuses = ["paid", "refunded"]', "min_id = 2"))
+    m = TriggerMatcher(c.triggers, {"min": MinMatcher()})
+
+    def row(n: int, id_: Any) -> Change:
+        return attrs.evolve(order("paid", n), doc={"id": id_})
+
+    with capture_logs() as logs:
+        assert [t.name for t in m.match(row(0, "x"))] == ["every-order"]  # str >= int
+        assert [t.name for t in m.match(row(1, "y"))] == ["every-order"]
+        assert [t.name for t in m.match(row(2, 5))] == ["paid", "every-order"]
+    warnings = [e for e in logs if e["event"] == "matcher_error"]
+    assert len(warnings) == 1  # the second error falls inside the minute
+    assert warnings[0]["trigger"] == "paid" and warnings[0]["matcher"] == "min"
+    assert warnings[0]["doc_id"] == "0" and "TypeError" in warnings[0]["error"]
+    assert warnings[0]["log_level"] == "warning"

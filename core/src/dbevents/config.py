@@ -516,7 +516,12 @@ def _triggers(raw: Any, databases: Mapping[str, DatabaseConfig],
         for mname, mraw in by_matcher.items():
             cls = options_class(plugins.get("matcher", mname))
             assert cls is not None
-            matcher_options[mname] = structure(cls, mraw, p, "a trigger")
+            try:
+                matcher_options[mname] = structure(cls, mraw, p, "a trigger")
+            except ConfigError as exc:
+                # A matcher compiles its keys in a validator (e.g. an expression):
+                # the user needs to know which trigger's key it is.
+                raise ConfigError(f"{exc.message} (trigger {name!r})", exc.path) from None
         out.append(Trigger(
             name=name, url=url, source=source, databases=dbs, tables=tables,
             operations=operations, retries=retries, timeout=timeout, concurrency=concurrency,

@@ -268,6 +268,14 @@ class Matcher(Protocol):
 
     ``Options`` names the keys; ``matches`` is called only for triggers that set
     at least one of them, after the core's databases/tables/operations test.
+
+    Work that can be done once (compiling an expression) belongs in an attrs
+    validator of ``Options``: it runs when the config loads, and a ValueError it
+    raises is a config error at ``triggers[N].KEY`` naming the trigger (exit 2).
+    ``matches`` should not raise; if it does, the change does not match that
+    trigger and a warning names the trigger, the matcher and the error (at most
+    one a minute per trigger and matcher, with the count of the others), so one
+    odd row never stops capture.
     """
 
     def matches(self, change: Change, options: Any) -> bool: ...
