@@ -354,8 +354,8 @@ async def _publish_batch(js: JetStreamContext, subjects: Sequence[str],
         if fut.cancelled():
             results[i] = nats.errors.TimeoutError()
         else:
-            exc = fut.exception()
-            results[i] = exc if exc is not None else fut.result()
+            err = fut.exception()
+            results[i] = err if err is not None else fut.result()
     return [r if r is not None else RuntimeError("not published") for r in results]
 
 
