@@ -36,8 +36,19 @@ Mistakes in ``head`` could only ever cost liveness, never order, because the
 check above decides: a stray extra head costs a claim one index probe, a row
 left without a head would stall, so finish re-checks the rows it touched.
 
-Lock order. Statements that wait for row locks (finish, release) take them in
-seq order, so two of them cannot deadlock on each other.
+Held events. ``enqueue_held`` stores new events already delivering, leased to
+this worker, for its dispatcher to send from memory (no claim, no read-back): a
+new event is held only when every active event of its row is delivering and
+this worker's, decided in the enqueue's snapshot under the exclusive queue
+lock, so no finish or other enqueue changes the row meanwhile. A row another
+worker holds, or with a pending event (a retry), keeps the new event pending
+behind it, for claims. Held events are active like claimed ones, so the head
+rules above are unchanged. ``renew`` moves their leases on while they wait in
+memory; one that ran out anyway is taken over by a claim as usual, and renew
+reports it lost.
+
+Lock order. Statements that wait for row locks (finish, release, renew) take
+them in seq order, so two of them cannot deadlock on each other.
 """
 
 from __future__ import annotations

@@ -6,6 +6,15 @@ Per-row order rests on one invariant: ``head = 1`` exactly on the oldest active
 (pending or delivering) event of each (trigger, doc_id) row. Claims only look at
 heads, so a row with a long queue behind a slow event costs a claim nothing,
 and finishing an event promotes the next one of its row (one index lookup).
+
+Held events. ``enqueue_held`` stores new events already delivering, leased to
+this process, for its dispatcher to send from memory: no claim, no read-back.
+Only one worker runs on a file (the worker lock), so every delivering event is
+this process's, and a new event is held exactly when its row has no pending
+event: the earlier events of its row are then all in the dispatcher's memory,
+which keeps their order. Held events are active like claimed ones, so the head
+invariant is unchanged; their ``due_at`` is the lease expiry, which ``renew``
+moves on while they wait.
 """
 
 from __future__ import annotations
