@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from datetime import UTC, datetime
 
 import attrs
 import pytest
-from dbevents.dispatcher import STOP_GRACE, Dispatcher, backoff_delay
+from dbevents.dispatcher import STOP_GRACE, Dispatcher, backoff_delay, verdicts
 from dbevents.protocols import StoreSettings
 from dbevents.testing import DELIVERIES, MemorySink, MemoryStore, make_event, reset
 from dbevents.testing.memory import MemorySinkOptions
-from dbevents.values import Status, Trigger
+from dbevents.values import Outcome, Status, Trigger
 
 
 @pytest.fixture(autouse=True)
@@ -210,3 +211,18 @@ async def test_wakes_without_polling_when_work_arrives() -> None:
     await asyncio.wait_for(delivered(), 5)
     stop.set()
     await task
+
+
+def test_a_batch_is_grouped_by_the_request_the_sink_reports() -> None:
+    # Equal but distinct Outcome objects: one request, so one retry time and
+    # places 0, 1, 2 in it; a second request is decided on its own.
+    t = Trigger(name="t", url="http://x", backoff_base=60_000, backoff_max=600_000)
+    now = datetime.now(UTC)
+    evs = [make_event(trigger="t", doc_id=str(i), n=i) for i in range(4)]
+    outs = [Outcome(ok=False, started_at=now, duration_ms=1.0, request_id="a", batch_size=3)
+            for _ in range(3)]
+    outs.append(Outcome(ok=False, started_at=now, duration_ms=1.0, request_id="b"))
+    fs = verdicts(t, evs, outs, now)
+    assert [f.attempt.batch_index for f in fs] == [0, 1, 2, 0]
+    assert len({f.next_attempt_at for f in fs[:3]}) == 1
+    assert all(f.status is Status.PENDING for f in fs)

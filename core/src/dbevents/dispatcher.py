@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
+from dbevents.backoff import jittered
 from dbevents.protocols import Sink, Store
 from dbevents.values import Attempt, Event, Finish, Outcome, Status, Trigger
 
@@ -35,7 +36,7 @@ STOP_GRACE = 5.0  # seconds a stopping dispatcher keeps trying to record results
 
 
 def backoff_delay(trigger: Trigger, attempt: int, retry_after: float | None,
-                  rng: random.Random = random._inst) -> float:  # type: ignore[attr-defined]
+                  rng: random.Random | None = None) -> float:
     """Seconds to wait after failed attempt number ``attempt`` (1-based).
 
     Exponential with full jitter; a receiver's Retry-After wins, capped at
@@ -44,12 +45,7 @@ def backoff_delay(trigger: Trigger, attempt: int, retry_after: float | None,
     cap = trigger.backoff_max / 1000.0
     if retry_after is not None:
         return max(0.0, min(retry_after, cap))
-    ceiling = min(cap, trigger.backoff_base / 1000.0 * (2 ** (attempt - 1)))
-    return rng.uniform(0, ceiling)
-
-
-def verdict(trigger: Trigger, event: Event, outcome: Outcome, now: datetime) -> Finish:
-    return verdicts(trigger, [event], [outcome], now)[0]
+    return jittered(attempt, trigger.backoff_base / 1000.0, cap, rng)
 
 
 def verdicts(trigger: Trigger, events: Sequence[Event], outcomes: Sequence[Outcome],
@@ -57,18 +53,21 @@ def verdicts(trigger: Trigger, events: Sequence[Event], outcomes: Sequence[Outco
     """The verdict on each event after its attempt: delivered, failed for good, or
     pending until a backoff. Events of one POST share its outcome, so the decision
     is made once per outcome and attempt number (and a batch retries together)."""
-    decided: dict[tuple[int, int], tuple[Status, datetime | None]] = {}
+    decided: dict[tuple[str | int, int], tuple[Status, datetime | None]] = {}
     finishes = []
-    # An event's place in its request (the events of one request share its Outcome).
-    index: dict[int, int] = {}
-    for event, o in zip(events, outcomes, strict=True):
+    # An event's place in its request: the events of one request share the
+    # request_id the sink reports; an outcome without one is a request of its own.
+    index: dict[str, int] = {}
+    for i, (event, o) in enumerate(zip(events, outcomes, strict=True)):
         number = event.attempts + 1
+        request: str | int
         if o.request_id is None:
-            position = 0
+            position, request = 0, i
         else:
-            position = index.get(id(o), 0)
-            index[id(o)] = position + 1
-        key = (id(o), number)
+            request = o.request_id
+            position = index.get(request, 0)
+            index[request] = position + 1
+        key = (request, number)
         verdict_ = decided.get(key)
         if verdict_ is None:
             if o.ok:

@@ -351,6 +351,18 @@ class SinkContract:
         assert len(outcomes) == 3 and all(o.ok for o in outcomes)
         assert all(o.started_at.tzinfo is not None and o.duration_ms >= 0 for o in outcomes)
 
+    async def test_a_batch_reports_its_request(self, sink: Sink, ok_trigger: Trigger) -> None:
+        # The dispatcher groups a batch's outcomes by the request the sink
+        # reports: one request_id for the events that went out together.
+        size = min(3, sink.batch_size(ok_trigger))
+        evs = [make_event(trigger=ok_trigger.name, doc_id=str(i), n=i) for i in range(size)]
+        outcomes = list(await sink.deliver(ok_trigger, evs))
+        assert len(outcomes) == size and all(o.ok for o in outcomes)
+        if size > 1:
+            ids = {o.request_id for o in outcomes}
+            assert len(ids) == 1 and None not in ids
+            assert all(o.batch_size == size for o in outcomes)
+
     async def test_failure_is_an_outcome_not_an_exception(self, sink: Sink,
                                                           failing_trigger: Trigger) -> None:
         ev = make_event(trigger=failing_trigger.name)

@@ -419,6 +419,8 @@ class MemorySink:
             delay = random.uniform(0, opts.delay_ms) if opts.jitter else opts.delay_ms
             await asyncio.sleep(delay / 1000)
         out = []
+        # Several events went out together: one request, as a batching sink reports it.
+        request = str(uuid.uuid4()) if len(events) > 1 else None
         for ev in events:
             n = self._seen[ev.id] = self._seen.get(ev.id, 0) + 1
             ok = not opts.always_fail and n > opts.fail_first
@@ -426,7 +428,8 @@ class MemorySink:
                 DELIVERIES.append((trigger.name, ev.id, ev.payload))
             out.append(Outcome(ok=ok, started_at=started, duration_ms=float(opts.delay_ms),
                                status_code=200 if ok else 500,
-                               error=None if ok else "HTTP 500", batch_size=len(events)))
+                               error=None if ok else "HTTP 500", batch_size=len(events),
+                               request_id=request))
         return out
 
 
