@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import attrs
 import pytest
@@ -202,7 +203,7 @@ async def test_wakes_without_polling_when_work_arrives() -> None:
     await asyncio.sleep(0.05)  # idle: nothing pending, so no timer is armed
     assert await store.next_due() is None
     await store.enqueue([make_event()], {})
-    d.wake()  # only the wake-up can start this delivery
+    d.notify()  # only the wake-up can start this delivery
 
     async def delivered() -> None:
         while d.delivered < 1:
@@ -226,3 +227,108 @@ def test_a_batch_is_grouped_by_the_request_the_sink_reports() -> None:
     assert [f.attempt.batch_index for f in fs] == [0, 1, 2, 0]
     assert len({f.next_attempt_at for f in fs[:3]}) == 1
     assert all(f.status is Status.PENDING for f in fs)
+
+
+class CountingStore(MemoryStore):
+    """A MemoryStore that counts the claims made of it."""
+
+    claims = 0
+
+    async def claim(self, limits: Any, lease_seconds: float, now: Any) -> Any:
+        self.claims += 1
+        return await super().claim(limits, lease_seconds, now)
+
+
+async def feed(d: Dispatcher, store: MemoryStore, evs: list[Any], size: int) -> None:
+    """What the engine does: store a batch held for this process, hand it over."""
+    for i in range(0, len(evs), size):
+        ticket = d.ticket()
+        try:
+            d.hand(await store.enqueue_held(evs[i:i + size], {}, d.lease_seconds), ticket)
+        finally:
+            d.untick(ticket)
+        await asyncio.sleep(0.002)
+
+
+async def test_held_events_go_out_from_memory_without_claims() -> None:
+    t = Trigger(name="t", url="http://x", sink="memory", concurrency=4,
+                sink_options=MemorySinkOptions(delay_ms=2, jitter=True))
+    store = CountingStore(StoreSettings(url="memory://h"))
+    await store.open()
+    d = Dispatcher(store, [t], {"memory": MemorySink()})
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    await asyncio.sleep(0.02)
+    at_start = store.claims  # the look for work left from before a restart
+    evs = [make_event(doc_id=str(i % 10), n=i) for i in range(200)]
+    await feed(d, store, evs, 25)
+    while d.delivered < 200:
+        await asyncio.sleep(0.005)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert store.claims == at_start
+    assert all(e.status is Status.DELIVERED for e in store.s.events.values())
+    seq = {e.id: e.seq for e in store.s.events.values()}
+    by_row: dict[str | None, list[int]] = {}
+    for _, eid, _ in DELIVERIES:
+        by_row.setdefault(store.s.events[eid].doc_id, []).append(seq[eid])
+    assert len(by_row) == 10 and all(row == sorted(row) for row in by_row.values())
+
+
+async def test_a_retry_from_memory_keeps_its_row_in_order() -> None:
+    # Every event fails once: its retry goes back to the store and comes due
+    # while later events of its row, held in memory, must wait behind it.
+    t = Trigger(name="t", url="http://x", sink="memory", concurrency=4, backoff_base=5,
+                backoff_max=10, sink_options=MemorySinkOptions(fail_first=1, delay_ms=2,
+                                                               jitter=True))
+    store = MemoryStore(StoreSettings(url="memory://r"))
+    await store.open()
+    d = Dispatcher(store, [t], {"memory": MemorySink()})
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    evs = [make_event(doc_id=str(i % 3), n=i) for i in range(60)]
+    await feed(d, store, evs, 7)
+    for _ in range(2000):
+        if all(e.status is Status.DELIVERED for e in store.s.events.values()):
+            break
+        await asyncio.sleep(0.005)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert all(e.status is Status.DELIVERED and e.attempts == 2 for e in store.s.events.values())
+    seq = {e.id: e.seq for e in store.s.events.values()}
+    by_row: dict[str | None, list[int]] = {}
+    for _, eid, _ in DELIVERIES:
+        by_row.setdefault(store.s.events[eid].doc_id, []).append(seq[eid])
+    assert len(DELIVERIES) == 60
+    assert all(row == sorted(row) for row in by_row.values())
+
+
+async def test_an_event_enqueued_before_a_retry_was_recorded_waits_behind_it() -> None:
+    # The store held a2 while a1 was still in flight; a1's retry then went back.
+    # a2's enqueue began before that write returned, so a2 goes back too.
+    t = Trigger(name="t", url="http://x", sink="memory", backoff_base=60_000,
+                backoff_max=60_000, sink_options=MemorySinkOptions(fail_first=1))
+    store = MemoryStore(StoreSettings(url="memory://m"))
+    await store.open()
+    d = Dispatcher(store, [t], {"memory": MemorySink()})
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    a1, a2 = make_event(doc_id="a"), make_event(doc_id="a")
+    ticket = d.ticket()
+    first = d.ticket()
+    d.hand(await store.enqueue_held([a1], {}, d.lease_seconds), first)
+    d.untick(first)
+    held = await store.enqueue_held([a2], {}, d.lease_seconds)
+    assert [e.id for e in held] == [a2.id]  # a1 was still delivering when a2 was stored
+    while store.s.events[a1.id].status is not Status.PENDING:
+        await asyncio.sleep(0.002)
+    d.hand(held, ticket)
+    d.untick(ticket)
+    for _ in range(200):
+        if store.s.events[a2.id].status is Status.PENDING:
+            break
+        await asyncio.sleep(0.005)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert store.s.events[a2.id].status is Status.PENDING  # back in the store, behind a1
+    assert [eid for _, eid, _ in DELIVERIES] == []  # a1 failed once; a2 was never sent
