@@ -46,6 +46,7 @@ from dbevents.values import Attempt, Event, Finish, Outcome, Status, Trigger
 log = structlog.get_logger("dbevents.dispatcher")
 
 Row = tuple[str, str | None]  # (trigger, doc_id): the unit of per-row order
+_FREE: deque[Event] = deque()  # lanes.get default: the row has nothing in memory
 
 LEASE_MARGIN = 30.0  # seconds beyond the longest attempt a claim stays ours
 STOP_GRACE = 5.0  # seconds a stopping dispatcher keeps trying to record results
@@ -118,8 +119,9 @@ class Dispatcher:
         # In memory until its verdict is recorded: queued, in a lane, in flight.
         self._held: dict[str, Event] = {}
         # Per (trigger, row): the row's events in memory behind the one queued or
-        # in flight (a row is in _lanes exactly while one of its events is).
-        self._lanes: dict[Row, deque[Event]] = {}
+        # in flight (a row is in _lanes exactly while one of its events is; None
+        # while nothing waits behind it, so that most rows cost no deque).
+        self._lanes: dict[Row, deque[Event] | None] = {}
         # Rows with events put back in the store: seq -> the epoch its write
         # returned at (None: not yet). See hand().
         self._back: dict[Row, dict[int, int | None]] = {}
@@ -209,6 +211,10 @@ class Dispatcher:
             self._done_ready.set()
         self.notify()
 
+    def in_memory(self) -> int:
+        """Events held in memory: queued, in lanes, in flight, results unrecorded."""
+        return len(self._held)
+
     def ticket(self) -> int:
         """Taken before an enqueue_held call, given back with hand() (or untick)."""
         t = self._epoch
@@ -262,7 +268,7 @@ class Dispatcher:
     def _take(self, events: list[Event], claimed: bool = False) -> None:
         """Into memory: each event queued if its row has nothing in memory, else
         into the row's lane."""
-        lanes, held = self._lanes, self._held
+        lanes, held, queued = self._lanes, self._held, self._queued
         started: dict[str, int] = {}
         for ev in events:
             if ev.id in held:
@@ -270,11 +276,13 @@ class Dispatcher:
             name = ev.trigger
             held[ev.id] = ev
             row = (name, ev.doc_id)
-            lane = lanes.get(row)
-            if lane is None:
-                lanes[row] = deque()
-                self._queued[name].append(ev)
+            lane = lanes.get(row, _FREE)
+            if lane is _FREE:
+                lanes[row] = None
+                queued[name].append(ev)
                 started[name] = started.get(name, 0) + 1
+            elif lane is None:
+                lanes[row] = deque((ev,))
             else:
                 lane.append(ev)
             if claimed:
@@ -383,7 +391,7 @@ class Dispatcher:
             log.warning("renewing leases failed", error=str(exc))
             return
         waiting = {ev.id for q in self._queued.values() for ev in q}
-        waiting.update(ev.id for lane in self._lanes.values() for ev in lane)
+        waiting.update(ev.id for lane in self._lanes.values() for ev in lane or ())
         gone = [eid for eid in lost if eid in waiting and eid in self._held]
         if not gone:
             return
@@ -471,7 +479,7 @@ class Dispatcher:
                 continue
             lane = lanes.get(row)
             if lane:
-                queue.append(lane.popleft())
+                queue.append(lane.popleft())  # the row stays taken, by its next event
             else:
                 lanes.pop(row, None)
         if self._claimed:
@@ -571,7 +579,7 @@ class Dispatcher:
         """On stop: hand back what is in memory but not sent (pending, due now),
         and let attempts in flight finish, bounded by the longest timeout."""
         queued = [ev for queue in self._queued.values() for ev in queue]
-        queued += [ev for lane in self._lanes.values() for ev in lane]
+        queued += [ev for lane in self._lanes.values() for ev in lane or ()]
         for queue in self._queued.values():
             queue.clear()
         for ev in queued:
