@@ -129,17 +129,26 @@ WITH input AS (
                          %(type)b::text[], %(payload)b::bytea[])
         WITH ORDINALITY AS i(id, trigger_name, database_name, db_type, table_name, doc_id,
                              event_type, payload, ord)
-), fresh AS (
-    SELECT i.*, row_number() OVER (PARTITION BY i.trigger_name, i.doc_id ORDER BY i.ord) AS nth,
+), keys AS (
+    SELECT DISTINCT i.trigger_name, coalesce('=' || i.doc_id, '') AS row_key FROM input i
+), rows AS (
+    -- Once per row, not per event: the second walk is as long as the row's
+    -- active events (a hot row's held ones).
+    SELECT k.trigger_name, k.row_key,
         (SELECT a.seq FROM {{schema}}.events a
-         WHERE a.trigger_name = i.trigger_name AND a.row_key = coalesce('=' || i.doc_id, '')
+         WHERE a.trigger_name = k.trigger_name AND a.row_key = k.row_key
            AND a.{ACTIVE_SQL} LIMIT 1) IS NULL AS empty_row,
         (SELECT a.seq FROM {{schema}}.events a
-         WHERE a.trigger_name = i.trigger_name AND a.row_key = coalesce('=' || i.doc_id, '')
-           AND a.{ACTIVE_SQL}
+         WHERE a.trigger_name = k.trigger_name AND a.row_key = k.row_key AND a.{ACTIVE_SQL}
            AND (a.status = 'pending' OR a.worker IS DISTINCT FROM %(worker)b) LIMIT 1)
             IS NULL AS ours
+    FROM keys k
+), fresh AS (
+    SELECT i.*, row_number() OVER (PARTITION BY i.trigger_name, i.doc_id ORDER BY i.ord) AS nth,
+        r.empty_row, r.ours
     FROM input i
+    JOIN rows r ON r.trigger_name = i.trigger_name
+               AND r.row_key = coalesce('=' || i.doc_id, '')
     WHERE (SELECT x.seq FROM {{schema}}.events x WHERE x.id = i.id) IS NULL
 ), inserted AS (
     INSERT INTO {{schema}}.events (id, trigger_name, database_name, db_type, table_name,

@@ -47,21 +47,25 @@ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', 0,
                 AND doc_id IS ?6),
     ?8, ?8, ?8, ?8, ?9)
 """
-# The same, held for this process (delivering, leased until ?10) unless an
-# active event of its row is pending: then it waits behind that one in the
-# store. Only one worker runs on a file, so every delivering event is this
-# process's: the new event's earlier ones are all in its memory.
+# The same, held for this process (?10: delivering, leased until ?11) or not
+# (?10: pending, due now), as decided per row beforehand (_ROW_BEHIND).
 _INSERT_HELD = f"""
 INSERT OR IGNORE INTO events (id, trigger_name, database_name, db_type, table_name, doc_id,
     event_type, status, attempts, head, due_at, next_attempt_at, created_at, updated_at,
     payload)
-SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, CASE WHEN b.behind THEN 'pending' ELSE 'delivering' END, 0,
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?10, 0,
     NOT EXISTS (SELECT 1 FROM events WHERE {ACTIVE_SQL} AND trigger_name = ?2
                 AND doc_id IS ?6),
-    CASE WHEN b.behind THEN ?8 ELSE ?10 END, ?8, ?8, ?8, ?9
-FROM (SELECT EXISTS (SELECT 1 FROM events INDEXED BY events_active
-                     WHERE {ACTIVE_SQL} AND status = 'pending' AND trigger_name = ?2
-                       AND doc_id IS ?6) AS behind) b
+    ?11, ?8, ?8, ?8, ?9)
+"""
+# Whether a row has a pending event: then a new event of it waits behind that
+# one in the store. Only one worker runs on a file, so every delivering event
+# is this process's, and without a pending one the row's earlier events are
+# all in its memory. Asked once per row and batch: the walk is as long as the
+# row's active events (a hot row's held ones), so not once per event.
+_ROW_BEHIND = f"""
+SELECT 1 FROM events INDEXED BY events_active
+WHERE {ACTIVE_SQL} AND trigger_name = ? AND doc_id IS ? AND status = 'pending' LIMIT 1
 """
 _UPSERT_CHECKPOINT = """
 INSERT INTO checkpoints (source, position, updated_at) VALUES (?, ?, ?)
@@ -129,12 +133,16 @@ def enqueue_held(conn: sqlite3.Connection, events: Sequence[Event],
     their seq and status, from the seq range this transaction wrote."""
     now = now_us()
     lease_until = now + round(lease_seconds * 1_000_000)
-    rows = [(e.id, e.trigger, e.database, e.db_type, e.table, e.doc_id, e.type, now,
-             e.payload, lease_until) for e in events]
 
     def body(conn: sqlite3.Connection) -> list[tuple[str, int]]:
         held: list[tuple[str, int]] = []
-        if rows:
+        if events:
+            behind = {row: conn.execute(_ROW_BEHIND, row).fetchone() is not None
+                      for row in dict.fromkeys((e.trigger, e.doc_id) for e in events)}
+            rows = [(e.id, e.trigger, e.database, e.db_type, e.table, e.doc_id, e.type, now,
+                     e.payload) + (("pending", now) if behind[(e.trigger, e.doc_id)]
+                                   else ("delivering", lease_until))
+                    for e in events]
             last = conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
             conn.executemany(_INSERT_HELD, rows)
             held = conn.execute(
