@@ -332,3 +332,57 @@ async def test_an_event_enqueued_before_a_retry_was_recorded_waits_behind_it() -
     await asyncio.wait_for(task, 5)
     assert store.s.events[a2.id].status is Status.PENDING  # back in the store, behind a1
     assert [eid for _, eid, _ in DELIVERIES] == []  # a1 failed once; a2 was never sent
+
+
+async def test_leases_of_events_waiting_in_memory_are_renewed() -> None:
+    # One row behind a slow receiver: its events wait in memory far longer than
+    # a lease; renewals keep every one of them leased, and each goes out once.
+    t = Trigger(name="t", url="http://x", sink="memory", concurrency=1,
+                sink_options=MemorySinkOptions(delay_ms=60))
+    store = MemoryStore(StoreSettings(url="memory://l"))
+    await store.open()
+    d = Dispatcher(store, [t], {"memory": MemorySink()})
+    d.lease_seconds = 0.3  # renewed every 0.1 s
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    evs = [make_event(doc_id="a", n=i) for i in range(10)]
+    await feed(d, store, evs, 10)
+    await asyncio.sleep(0.45)  # past the first leases
+    waiting = [e for e in store.s.events.values() if e.status is Status.DELIVERING]
+    assert waiting, "some events still wait in memory"
+    now = datetime.now(UTC)
+    assert all(store.s.leases[e.id] > now for e in waiting)
+    while d.delivered < 10:
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert [eid for _, eid, _ in DELIVERIES] == [e.id for e in evs]
+
+
+async def test_an_event_no_longer_held_is_left_to_the_store_with_its_row() -> None:
+    # The store stops holding a waiting event for us (as when another worker
+    # took its expired lease over): renew reports it, the dispatcher drops it
+    # and hands the rest of its row back; claims then deliver the row in order.
+    t = Trigger(name="t", url="http://x", sink="memory", concurrency=1,
+                sink_options=MemorySinkOptions(delay_ms=100))
+    store = CountingStore(StoreSettings(url="memory://g"))
+    await store.open()
+    d = Dispatcher(store, [t], {"memory": MemorySink()})
+    d.lease_seconds = 0.3
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    evs = [make_event(doc_id="a", n=i) for i in range(6)]
+    await asyncio.sleep(0.02)
+    at_start = store.claims
+    await feed(d, store, evs, 6)
+    await asyncio.sleep(0.01)
+    await store.release([evs[2].id])  # no longer ours: pending in the store
+    for _ in range(1000):
+        if d.delivered >= 6:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert [eid for _, eid, _ in DELIVERIES] == [e.id for e in evs]
+    assert all(e.status is Status.DELIVERED for e in store.s.events.values())
+    assert store.claims > at_start  # the rest of the row came back through claims
