@@ -10,7 +10,8 @@ Prints, on this machine:
   second baseline adds the store's queue indexes, to show what they cost;
 - claim -> finish throughput draining part of that backlog (--batch per claim);
 - enqueue -> claim -> finish cycles per second on an empty queue (each cycle
-  moves one batch through the whole lifecycle);
+  moves one batch through the whole lifecycle), and the same through the
+  engine's path: enqueue_held (stored leased, delivered from memory) -> finish;
 - the time of one claim behind a long single-row backlog (per-row order).
 
 Enqueue and its baselines run --rounds times, interleaved, each on a new file;
@@ -163,6 +164,20 @@ async def bench_cycles(path: Path, chunks: list[Sequence[Event]]) -> Timer:
         await store.close()
 
 
+async def bench_held_cycles(path: Path, chunks: list[Sequence[Event]]) -> Timer:
+    """The engine's path: each batch stored held (enqueue_held, no claim), then
+    its results recorded (finish): two transactions per batch, no read-back."""
+    store = await open_store(path)
+    try:
+        with Timer() as timer:
+            for i, chunk in enumerate(chunks):
+                held = await store.enqueue_held(chunk, {"app": Position(str(i))}, 60.0)
+                await store.finish([delivered(ev) for ev in held])
+        return timer
+    finally:
+        await store.close()
+
+
 async def bench_hot_row(path: Path, backlog: int, batch: int) -> tuple[float, int]:
     """One row with ``backlog`` events queued behind its in-flight head, then
     ``batch`` events of other rows: the claim must not wade through that queue."""
@@ -224,6 +239,7 @@ async def main() -> int:
             await store.close()
         cycle_chunks = batches(make_events(args.cycles * size), size)
         cycles = await bench_cycles(folder / "cycles.db", cycle_chunks)
+        held_cycles = await bench_held_cycles(folder / "held.db", cycle_chunks)
         hot, hot_claimed = await bench_hot_row(folder / "hot.db", args.hot_row, size)
 
     def line(label: str, count: int, t: Timer, unit: str = "events/s") -> None:
@@ -243,6 +259,9 @@ async def main() -> int:
     print(f"{'enqueue -> claim -> finish':<36}{args.cycles / cycles.wall:>10,.1f} cycles/s "
           f"of {size} events = {cycle_events / cycles.wall:,.0f} events/s "
           f"({cycle_events / cycles.cpu:,.0f} per CPU-second)")
+    print(f"{'enqueue_held -> finish':<36}{args.cycles / held_cycles.wall:>10,.1f} cycles/s "
+          f"of {size} events = {cycle_events / held_cycles.wall:,.0f} events/s "
+          f"({cycle_events / held_cycles.cpu:,.0f} per CPU-second)")
     print(f"{f'claim behind a {args.hot_row}-event row':<36}{hot * 1000:>10.1f} ms      "
           f"for {hot_claimed} events")
     verdict = "meets" if rate >= TARGET else "MISSES"

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from datetime import UTC, datetime
+from typing import Any
 
 import attrs
 import pytest
-from dbevents.dispatcher import STOP_GRACE, Dispatcher, backoff_delay
+from dbevents.dispatcher import STOP_GRACE, Dispatcher, backoff_delay, verdicts
 from dbevents.protocols import StoreSettings
 from dbevents.testing import DELIVERIES, MemorySink, MemoryStore, make_event, reset
 from dbevents.testing.memory import MemorySinkOptions
-from dbevents.values import Status, Trigger
+from dbevents.values import Outcome, Status, Trigger
 
 
 @pytest.fixture(autouse=True)
@@ -201,7 +203,7 @@ async def test_wakes_without_polling_when_work_arrives() -> None:
     await asyncio.sleep(0.05)  # idle: nothing pending, so no timer is armed
     assert await store.next_due() is None
     await store.enqueue([make_event()], {})
-    d.wake()  # only the wake-up can start this delivery
+    d.notify()  # only the wake-up can start this delivery
 
     async def delivered() -> None:
         while d.delivered < 1:
@@ -210,3 +212,177 @@ async def test_wakes_without_polling_when_work_arrives() -> None:
     await asyncio.wait_for(delivered(), 5)
     stop.set()
     await task
+
+
+def test_a_batch_is_grouped_by_the_request_the_sink_reports() -> None:
+    # Equal but distinct Outcome objects: one request, so one retry time and
+    # places 0, 1, 2 in it; a second request is decided on its own.
+    t = Trigger(name="t", url="http://x", backoff_base=60_000, backoff_max=600_000)
+    now = datetime.now(UTC)
+    evs = [make_event(trigger="t", doc_id=str(i), n=i) for i in range(4)]
+    outs = [Outcome(ok=False, started_at=now, duration_ms=1.0, request_id="a", batch_size=3)
+            for _ in range(3)]
+    outs.append(Outcome(ok=False, started_at=now, duration_ms=1.0, request_id="b"))
+    fs = verdicts(t, evs, outs, now)
+    assert [f.attempt.batch_index for f in fs] == [0, 1, 2, 0]
+    assert len({f.next_attempt_at for f in fs[:3]}) == 1
+    assert all(f.status is Status.PENDING for f in fs)
+
+
+class CountingStore(MemoryStore):
+    """A MemoryStore that counts the claims made of it."""
+
+    claims = 0
+
+    async def claim(self, limits: Any, lease_seconds: float, now: Any) -> Any:
+        self.claims += 1
+        return await super().claim(limits, lease_seconds, now)
+
+
+async def feed(d: Dispatcher, store: MemoryStore, evs: list[Any], size: int) -> None:
+    """What the engine does: store a batch held for this process, hand it over."""
+    for i in range(0, len(evs), size):
+        ticket = d.ticket()
+        try:
+            d.hand(await store.enqueue_held(evs[i:i + size], {}, d.lease_seconds), ticket)
+        finally:
+            d.untick(ticket)
+        await asyncio.sleep(0.002)
+
+
+async def test_held_events_go_out_from_memory_without_claims() -> None:
+    t = Trigger(name="t", url="http://x", sink="memory", concurrency=4,
+                sink_options=MemorySinkOptions(delay_ms=2, jitter=True))
+    store = CountingStore(StoreSettings(url="memory://h"))
+    await store.open()
+    d = Dispatcher(store, [t], {"memory": MemorySink()})
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    await asyncio.sleep(0.02)
+    at_start = store.claims  # the look for work left from before a restart
+    evs = [make_event(doc_id=str(i % 10), n=i) for i in range(200)]
+    await feed(d, store, evs, 25)
+    while d.delivered < 200:
+        await asyncio.sleep(0.005)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert store.claims == at_start
+    assert all(e.status is Status.DELIVERED for e in store.s.events.values())
+    seq = {e.id: e.seq for e in store.s.events.values()}
+    by_row: dict[str | None, list[int]] = {}
+    for _, eid, _ in DELIVERIES:
+        by_row.setdefault(store.s.events[eid].doc_id, []).append(seq[eid])
+    assert len(by_row) == 10 and all(row == sorted(row) for row in by_row.values())
+
+
+async def test_a_retry_from_memory_keeps_its_row_in_order() -> None:
+    # Every event fails once: its retry goes back to the store and comes due
+    # while later events of its row, held in memory, must wait behind it.
+    t = Trigger(name="t", url="http://x", sink="memory", concurrency=4, backoff_base=5,
+                backoff_max=10, sink_options=MemorySinkOptions(fail_first=1, delay_ms=2,
+                                                               jitter=True))
+    store = MemoryStore(StoreSettings(url="memory://r"))
+    await store.open()
+    d = Dispatcher(store, [t], {"memory": MemorySink()})
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    evs = [make_event(doc_id=str(i % 3), n=i) for i in range(60)]
+    await feed(d, store, evs, 7)
+    for _ in range(2000):
+        if all(e.status is Status.DELIVERED for e in store.s.events.values()):
+            break
+        await asyncio.sleep(0.005)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert all(e.status is Status.DELIVERED and e.attempts == 2 for e in store.s.events.values())
+    seq = {e.id: e.seq for e in store.s.events.values()}
+    by_row: dict[str | None, list[int]] = {}
+    for _, eid, _ in DELIVERIES:
+        by_row.setdefault(store.s.events[eid].doc_id, []).append(seq[eid])
+    assert len(DELIVERIES) == 60
+    assert all(row == sorted(row) for row in by_row.values())
+
+
+async def test_an_event_enqueued_before_a_retry_was_recorded_waits_behind_it() -> None:
+    # The store held a2 while a1 was still in flight; a1's retry then went back.
+    # a2's enqueue began before that write returned, so a2 goes back too.
+    t = Trigger(name="t", url="http://x", sink="memory", backoff_base=60_000,
+                backoff_max=60_000, sink_options=MemorySinkOptions(fail_first=1))
+    store = MemoryStore(StoreSettings(url="memory://m"))
+    await store.open()
+    d = Dispatcher(store, [t], {"memory": MemorySink()})
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    a1, a2 = make_event(doc_id="a"), make_event(doc_id="a")
+    ticket = d.ticket()
+    first = d.ticket()
+    d.hand(await store.enqueue_held([a1], {}, d.lease_seconds), first)
+    d.untick(first)
+    held = await store.enqueue_held([a2], {}, d.lease_seconds)
+    assert [e.id for e in held] == [a2.id]  # a1 was still delivering when a2 was stored
+    while store.s.events[a1.id].status is not Status.PENDING:
+        await asyncio.sleep(0.002)
+    d.hand(held, ticket)
+    d.untick(ticket)
+    for _ in range(200):
+        if store.s.events[a2.id].status is Status.PENDING:
+            break
+        await asyncio.sleep(0.005)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert store.s.events[a2.id].status is Status.PENDING  # back in the store, behind a1
+    assert [eid for _, eid, _ in DELIVERIES] == []  # a1 failed once; a2 was never sent
+
+
+async def test_leases_of_events_waiting_in_memory_are_renewed() -> None:
+    # One row behind a slow receiver: its events wait in memory far longer than
+    # a lease; renewals keep every one of them leased, and each goes out once.
+    t = Trigger(name="t", url="http://x", sink="memory", concurrency=1,
+                sink_options=MemorySinkOptions(delay_ms=60))
+    store = MemoryStore(StoreSettings(url="memory://l"))
+    await store.open()
+    d = Dispatcher(store, [t], {"memory": MemorySink()})
+    d.lease_seconds = 0.3  # renewed every 0.1 s
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    evs = [make_event(doc_id="a", n=i) for i in range(10)]
+    await feed(d, store, evs, 10)
+    await asyncio.sleep(0.45)  # past the first leases
+    waiting = [e for e in store.s.events.values() if e.status is Status.DELIVERING]
+    assert waiting, "some events still wait in memory"
+    now = datetime.now(UTC)
+    assert all(store.s.leases[e.id] > now for e in waiting)
+    while d.delivered < 10:
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert [eid for _, eid, _ in DELIVERIES] == [e.id for e in evs]
+
+
+async def test_an_event_no_longer_held_is_left_to_the_store_with_its_row() -> None:
+    # The store stops holding a waiting event for us (as when another worker
+    # took its expired lease over): renew reports it, the dispatcher drops it
+    # and hands the rest of its row back; claims then deliver the row in order.
+    t = Trigger(name="t", url="http://x", sink="memory", concurrency=1,
+                sink_options=MemorySinkOptions(delay_ms=100))
+    store = CountingStore(StoreSettings(url="memory://g"))
+    await store.open()
+    d = Dispatcher(store, [t], {"memory": MemorySink()})
+    d.lease_seconds = 0.3
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    evs = [make_event(doc_id="a", n=i) for i in range(6)]
+    await asyncio.sleep(0.02)
+    at_start = store.claims
+    await feed(d, store, evs, 6)
+    await asyncio.sleep(0.01)
+    await store.release([evs[2].id])  # no longer ours: pending in the store
+    for _ in range(1000):
+        if d.delivered >= 6:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert [eid for _, eid, _ in DELIVERIES] == [e.id for e in evs]
+    assert all(e.status is Status.DELIVERED for e in store.s.events.values())
+    assert store.claims > at_start  # the rest of the row came back through claims

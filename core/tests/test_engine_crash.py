@@ -58,6 +58,16 @@ class CrashingStore(MemoryStore):
         self.crasher.point("enqueue:after")
         return n
 
+    async def enqueue_held(self, events: Any, checkpoints: Any, lease_seconds: float) -> Any:
+        self.crasher.point("enqueue:before")
+        held = await super().enqueue_held(events, checkpoints, lease_seconds)
+        self.crasher.point("enqueue:after")
+        return held
+
+    async def renew(self, event_ids: Any, lease_seconds: float) -> Any:
+        self.crasher.point("renew")
+        return await super().renew(event_ids, lease_seconds)
+
     async def claim(self, limits: Any, lease_seconds: float, now: Any) -> Any:
         self.crasher.point("claim:before")
         out = await super().claim(limits, lease_seconds, now)

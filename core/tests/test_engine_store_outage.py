@@ -48,6 +48,16 @@ class OutageStore(MemoryStore):
         self._gate("enqueue")
         return await super().enqueue(events, checkpoints)
 
+    async def enqueue_held(self, events: Any, checkpoints: Any, lease_seconds: float) -> Any:
+        if self.down and self.commit_then_fail and not self.refused["enqueue"]:
+            await super().enqueue_held(events, checkpoints, lease_seconds)
+        self._gate("enqueue")
+        return await super().enqueue_held(events, checkpoints, lease_seconds)
+
+    async def renew(self, event_ids: Any, lease_seconds: float) -> Any:
+        self._gate("renew")
+        return await super().renew(event_ids, lease_seconds)
+
     async def checkpoint(self, source: str) -> Any:
         self._gate("checkpoint")
         return await super().checkpoint(source)

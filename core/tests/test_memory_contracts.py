@@ -78,3 +78,10 @@ class TestMemorySink(SinkContract):
     def failing_trigger(self) -> Trigger:
         return Trigger(name="bad", url="http://x", sink="memory",
                        sink_options=MemorySinkOptions(always_fail=True))
+
+
+class TestMemorySinkBatched(TestMemorySink):
+    @pytest.fixture
+    def ok_trigger(self) -> Trigger:
+        return Trigger(name="ok", url="http://x", sink="memory",
+                       sink_options=MemorySinkOptions(batch_size=10))

@@ -1,5 +1,6 @@
-"""The engine: source -> matcher -> store (events + checkpoint, one transaction)
--> source.confirm, with the dispatcher delivering from the store.
+"""The engine: source -> matcher -> store (events + checkpoint, one transaction,
+the events held for this process) -> source.confirm, with the dispatcher
+delivering the stored batch from memory.
 
 A source position is confirmed to the database only after the events up to it
 and the checkpoint are committed together, so a crash at any instant loses no
@@ -35,7 +36,7 @@ from dbevents.protocols import (
     initial_position,
 )
 from dbevents.services import make_services
-from dbevents.values import ChangeBatch, Position, Status
+from dbevents.values import ChangeBatch, Event, Position, Status
 
 log = structlog.get_logger("dbevents.engine")
 
@@ -98,7 +99,7 @@ class Engine:
         try:
             # Work enqueued or redelivered by another process (a CLI command, a
             # second worker) wakes this dispatcher too.
-            self.store.subscribe(self.dispatcher.wake)
+            self.store.subscribe(self.dispatcher.notify)
             self.source_id = self.config.eventing.source_id or await self.store.instance_id()
             # Services (e.g. [admin]) start once the store is open; closed with the rest.
             for service in make_services(self.config, self.plugins, self.store,
@@ -228,14 +229,41 @@ class Engine:
                 checkpoint = b.checkpoint
         events = self.matcher.events(changes, self.source_id)
         cps = {name: checkpoint} if checkpoint is not None else {}
-        if events or cps:
+        dispatcher = self.dispatcher
+        if events and dispatcher.room():
+            # Stored held for this process: the dispatcher delivers them from
+            # memory and the store is not read for them.
+            ticket = dispatcher.ticket()
+            tries = 0
+
+            async def write() -> list[Event]:
+                nonlocal tries
+                tries += 1
+                return await self.store.enqueue_held(events, cps, dispatcher.lease_seconds)
+
+            try:
+                held = await self._retry_store(write)
+                dispatcher.hand(held, ticket)
+            finally:
+                dispatcher.untick(ticket)
+            new = len(held)
+            if new < len(events):
+                # Stored behind a row's pending event, or replayed: the store
+                # has them. After a retried write, also events an attempt whose
+                # reply was lost stored held for us: handed back, not left to
+                # wait out their lease.
+                ids = {ev.id for ev in held}
+                dispatcher.stored_behind([ev for ev in events if ev.id not in ids],
+                                         release=tries > 1)
+        elif events or cps:
             new = await self._retry_store(lambda: self.store.enqueue(events, cps))
+            if events:
+                # Memory is full: stored pending, delivered by claims. Not only
+                # when `new`: a retried write may find its events stored by an
+                # attempt whose reply was lost (new == 0), and they still wait.
+                dispatcher.notify()
         else:
             new = 0
-        if events:
-            # Not only when `new`: a retried write may find its events stored by an
-            # attempt whose reply was lost (new == 0), and they still wait for delivery.
-            self.dispatcher.wake()
         if checkpoint is not None:
             await source.confirm(checkpoint)
         self.captured += len(changes)

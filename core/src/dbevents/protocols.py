@@ -178,7 +178,10 @@ class TriggerStats:
 @runtime_checkable
 class Store(Protocol):
     """The eventing DB: event log, invocation log, checkpoints, and the durable
-    queue between capture and delivery."""
+    queue. What this process just stored it delivers from memory (enqueue_held);
+    the queue side (claim, next_due) serves only what is not in memory: events
+    from before a restart, retries that come due, redeliveries, expired leases,
+    work other workers share."""
 
     def __init__(self, settings: StoreSettings) -> None: ...
 
@@ -197,6 +200,28 @@ class Store(Protocol):
     async def enqueue(self, events: Sequence[Event], checkpoints: Mapping[str, Position]) -> int:
         """Store events and move checkpoints in ONE transaction. Events whose id
         is already stored are skipped. Returns how many were new."""
+        ...
+
+    async def enqueue_held(self, events: Sequence[Event], checkpoints: Mapping[str, Position],
+                           lease_seconds: float) -> list[Event]:
+        """``enqueue``, and in the same transaction hold the new events for this
+        process to deliver from memory: stored delivering, leased to this worker
+        for ``lease_seconds`` as a claim would. Returns the held events as stored
+        (``seq`` set, delivering), oldest first.
+
+        Not held, and not returned: an event already stored (a replay after a
+        crash keeps whatever state the store has; a claim picks it up when due),
+        and a new event of a row with an earlier active event that is pending or
+        held by another worker: it is stored pending behind that event. So an
+        event is held only when every earlier active event of its row is held by
+        this process too, and the dispatcher can keep the row's order in memory.
+        """
+        ...
+
+    async def renew(self, event_ids: Sequence[str], lease_seconds: float) -> list[str]:
+        """Extend this worker's leases on ``event_ids`` to ``lease_seconds`` from
+        now (events waiting in memory behind a slow receiver). Returns the ids it
+        no longer holds (finished, or taken over by another worker)."""
         ...
 
     async def claim(

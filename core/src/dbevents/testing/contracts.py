@@ -109,6 +109,56 @@ class StoreContract:
         assert got.created_at is not None
         assert await store.get_event(str(uuid.uuid4())) is None
 
+    async def test_enqueue_held_hands_new_events_to_memory(self, store: Store) -> None:
+        evs = [make_event(doc_id=str(i), n=i) for i in range(3)]
+        held = await store.enqueue_held(evs, {"app": Position("0/30")}, self.LEASE)
+        assert [e.id for e in held] == [e.id for e in evs]
+        assert all(e.status is Status.DELIVERING and e.attempts == 0 for e in held)
+        assert [e.seq for e in held] == sorted(e.seq for e in held)
+        assert held[0].payload == evs[0].payload
+        assert await store.checkpoint("app") == Position("0/30")
+        stored = await store.get_event(evs[0].id)
+        assert stored is not None and stored.status is Status.DELIVERING
+        assert await self._claim_all(store) == []  # leased to this worker: not claimed
+        # A replay stores nothing twice and hands nothing out again.
+        assert await store.enqueue_held(evs, {}, self.LEASE) == []
+        later = _now() + timedelta(seconds=self.LEASE + 5)
+        assert len(await self._claim_all(store, now=later)) == 3  # a dead holder's: due
+
+    async def test_enqueue_held_keeps_a_row_behind_its_pending_event(self, store: Store) -> None:
+        a1, a2, a3 = make_event(doc_id="a"), make_event(doc_id="a"), make_event(doc_id="a")
+        b1 = make_event(doc_id="b")
+        await store.enqueue([a1], {})  # pending: a later event of its row waits in the store
+        held = await store.enqueue_held([a2, b1], {}, self.LEASE)
+        assert [e.id for e in held] == [b1.id]
+        got = await store.get_event(a2.id)
+        assert got is not None and got.status is Status.PENDING
+        assert [e.id for e in await self._claim_all(store)] == [a1.id]
+        # Still behind a pending event (a2), though this worker holds a1 now.
+        assert [e.id for e in await store.enqueue_held([a3], {}, self.LEASE)] == []
+        await store.finish([Finish(a1.id, _attempt(a1, 1, True), Status.DELIVERED)])
+        assert [e.id for e in await self._claim_all(store)] == [a2.id]
+        await store.finish([Finish(a2.id, _attempt(a2, 1, True), Status.DELIVERED)])
+        assert [e.id for e in await self._claim_all(store)] == [a3.id]
+
+    async def test_enqueue_held_behind_held_events_of_its_row(self, store: Store) -> None:
+        a1, a2 = make_event(doc_id="a"), make_event(doc_id="a")
+        assert [e.id for e in await store.enqueue_held([a1], {}, self.LEASE)] == [a1.id]
+        assert [e.id for e in await store.enqueue_held([a2], {}, self.LEASE)] == [a2.id]
+        await store.finish([Finish(a1.id, _attempt(a1, 1, True), Status.DELIVERED)])
+        assert await self._claim_all(store) == []  # a2 is still held
+        # Handed back on shutdown: pending, due now.
+        await store.release([a2.id])
+        assert [e.id for e in await self._claim_all(store)] == [a2.id]
+
+    async def test_renew_keeps_held_events_from_claims(self, store: Store) -> None:
+        ev, other = make_event(doc_id="a"), make_event(doc_id="b")
+        await store.enqueue_held([ev, other], {}, 1.0)
+        assert await store.renew([ev.id, other.id], self.LEASE) == []
+        assert await self._claim_all(store, now=_now() + timedelta(seconds=5)) == []
+        await store.finish([Finish(ev.id, _attempt(ev, 1, True), Status.DELIVERED)])
+        assert await store.renew([ev.id, other.id], self.LEASE) == [ev.id]
+
     async def test_claim_keeps_per_row_order(self, store: Store) -> None:
         a1, a2, b1 = make_event(doc_id="a"), make_event(doc_id="a"), make_event(doc_id="b")
         await store.enqueue([a1, a2, b1], {})
@@ -495,6 +545,18 @@ class SinkContract:
             outcomes += list(await sink.deliver(ok_trigger, evs[i:i + size]))
         assert len(outcomes) == 3 and all(o.ok for o in outcomes)
         assert all(o.started_at.tzinfo is not None and o.duration_ms >= 0 for o in outcomes)
+
+    async def test_a_batch_reports_its_request(self, sink: Sink, ok_trigger: Trigger) -> None:
+        # The dispatcher groups a batch's outcomes by the request the sink
+        # reports: one request_id for the events that went out together.
+        size = min(3, sink.batch_size(ok_trigger))
+        evs = [make_event(trigger=ok_trigger.name, doc_id=str(i), n=i) for i in range(size)]
+        outcomes = list(await sink.deliver(ok_trigger, evs))
+        assert len(outcomes) == size and all(o.ok for o in outcomes)
+        if size > 1:
+            ids = {o.request_id for o in outcomes}
+            assert len(ids) == 1 and None not in ids
+            assert all(o.batch_size == size for o in outcomes)
 
     async def test_failure_is_an_outcome_not_an_exception(self, sink: Sink,
                                                           failing_trigger: Trigger) -> None:

@@ -245,6 +245,41 @@ class MemoryStore:
         self.s.checkpoints.update(checkpoints)
         return new
 
+    async def enqueue_held(self, events: Sequence[Event], checkpoints: Mapping[str, Position],
+                           lease_seconds: float) -> list[Event]:
+        now = datetime.now(UTC)
+        until = now + timedelta(seconds=lease_seconds)
+        held: list[Event] = []
+        for ev in events:
+            if ev.id in self.s.events:
+                continue
+            row = self.s.rows.get((ev.trigger, ev.doc_id))
+            # One worker per memory store: every delivering event is this one's.
+            mine = not row or all(self.s.events[e].status is Status.DELIVERING for e in row)
+            ev = self.s.events[ev.id] = Event(
+                ev.id, ev.trigger, ev.database, ev.db_type, ev.table, ev.doc_id, ev.type,
+                ev.payload, Status.DELIVERING if mine else Status.PENDING, 0, next(self.s.seq),
+                now, now, now, None)
+            if mine:
+                self.s.leases[ev.id] = until
+                heapq.heappush(self.s.timed, (until, ev.seq, ev.id))
+                held.append(ev)
+            self._add_to_row(ev)
+        self.s.checkpoints.update(checkpoints)
+        return held
+
+    async def renew(self, event_ids: Sequence[str], lease_seconds: float) -> list[str]:
+        until = datetime.now(UTC) + timedelta(seconds=lease_seconds)
+        lost = []
+        for eid in event_ids:
+            ev = self.s.events.get(eid)
+            if ev is None or ev.status is not Status.DELIVERING:
+                lost.append(eid)
+                continue
+            self.s.leases[eid] = until
+            heapq.heappush(self.s.timed, (until, ev.seq, eid))
+        return lost
+
     async def claim(self, limits: Mapping[str, int], lease_seconds: float,
                     now: datetime) -> list[Event]:
         timed = self.s.timed
@@ -443,6 +478,8 @@ class MemorySink:
             delay = random.uniform(0, opts.delay_ms) if opts.jitter else opts.delay_ms
             await asyncio.sleep(delay / 1000)
         out = []
+        # Several events went out together: one request, as a batching sink reports it.
+        request = str(uuid.uuid4()) if len(events) > 1 else None
         for ev in events:
             n = self._seen[ev.id] = self._seen.get(ev.id, 0) + 1
             ok = not opts.always_fail and n > opts.fail_first
@@ -450,7 +487,8 @@ class MemorySink:
                 DELIVERIES.append((trigger.name, ev.id, ev.payload))
             out.append(Outcome(ok=ok, started_at=started, duration_ms=float(opts.delay_ms),
                                status_code=200 if ok else 500,
-                               error=None if ok else "HTTP 500", batch_size=len(events)))
+                               error=None if ok else "HTTP 500", batch_size=len(events),
+                               request_id=request))
         return out
 
 

@@ -332,3 +332,22 @@ async def test_find_event_ids_by_prefix(open_pg: OpenPg) -> None:
     assert await store.find_event_ids("ab", 10) == ["ab%2", "ab_1", "abc3", "abx"]
     assert await store.find_event_ids("ab", 2) == ["ab%2", "ab_1"]
     assert await store.find_event_ids("c", 10) == []
+
+
+async def test_a_row_another_worker_holds_is_not_held_for_this_one(
+        open_pg: OpenPg, check_heads: Callable[[], None]) -> None:
+    one, two = await open_pg(), await open_pg()
+    a1, a2, a3, b1 = (make_event(doc_id="a"), make_event(doc_id="a"), make_event(doc_id="a"),
+                      make_event(doc_id="b"))
+    assert [e.id for e in await one.enqueue_held([a1], {}, 30.0)] == [a1.id]
+    # a2's row is in the first worker's memory: the second stores it pending behind.
+    assert [e.id for e in await two.enqueue_held([a2, b1], {}, 30.0)] == [b1.id]
+    # Behind a pending event the first worker does not hold a3 either.
+    assert await one.enqueue_held([a3], {}, 30.0) == []
+    check_heads()
+    # The second worker's lease on b1 is not the first one's to renew.
+    assert await one.renew([a1.id, b1.id], 30.0) == [b1.id]
+    await one.finish([delivered(a1)])
+    check_heads()
+    [claimed] = await two.claim({"t": 10}, 30.0, now())
+    assert claimed.id == a2.id

@@ -128,6 +128,69 @@ SELECT n, CASE WHEN n > 0 THEN pg_notify(%(channel)b, '') END
 FROM (SELECT count(*) AS n FROM inserted) c
 """
 
+# ENQUEUE, the new events held for this worker (delivering, leased) unless an
+# active event of their row is pending or another worker's: then they wait
+# behind it. Decided on the snapshot before the insert, so the events of one
+# row in the batch are all held or none (if held, the earlier ones are ours).
+# Other workers are notified only of events left pending.
+ENQUEUE_HELD = f"""
+WITH input AS (
+    SELECT * FROM unnest(%(id)b::text[], %(trigger)b::text[], %(database)b::text[],
+                         %(db_type)b::text[], %(table)b::text[], %(doc_id)b::text[],
+                         %(type)b::text[], %(payload)b::bytea[])
+        WITH ORDINALITY AS i(id, trigger_name, database_name, db_type, table_name, doc_id,
+                             event_type, payload, ord)
+), keys AS (
+    SELECT DISTINCT i.trigger_name, coalesce('=' || i.doc_id, '') AS row_key FROM input i
+), rows AS (
+    -- Once per row, not per event: the second walk is as long as the row's
+    -- active events (a hot row's held ones).
+    SELECT k.trigger_name, k.row_key,
+        (SELECT a.seq FROM {{schema}}.events a
+         WHERE a.trigger_name = k.trigger_name AND a.row_key = k.row_key
+           AND a.{ACTIVE_SQL} LIMIT 1) IS NULL AS empty_row,
+        (SELECT a.seq FROM {{schema}}.events a
+         WHERE a.trigger_name = k.trigger_name AND a.row_key = k.row_key AND a.{ACTIVE_SQL}
+           AND (a.status = 'pending' OR a.worker IS DISTINCT FROM %(worker)b) LIMIT 1)
+            IS NULL AS ours
+    FROM keys k
+), fresh AS (
+    SELECT i.*, row_number() OVER (PARTITION BY i.trigger_name, i.doc_id ORDER BY i.ord) AS nth,
+        r.empty_row, r.ours
+    FROM input i
+    JOIN rows r ON r.trigger_name = i.trigger_name
+               AND r.row_key = coalesce('=' || i.doc_id, '')
+    WHERE (SELECT x.seq FROM {{schema}}.events x WHERE x.id = i.id) IS NULL
+), inserted AS (
+    INSERT INTO {{schema}}.events (id, trigger_name, database_name, db_type, table_name,
+        doc_id, event_type, status, attempts, head, next_attempt_at, created_at, updated_at,
+        lease_until, worker, payload)
+    SELECT f.id, f.trigger_name, f.database_name, f.db_type, f.table_name, f.doc_id,
+        f.event_type, CASE WHEN f.ours THEN 'delivering' ELSE 'pending' END, 0,
+        f.nth = 1 AND f.empty_row, %(now)b, %(now)b, %(now)b,
+        CASE WHEN f.ours THEN %(lease_until)b END, CASE WHEN f.ours THEN %(worker)b END,
+        f.payload
+    FROM fresh f
+    ORDER BY f.ord  -- seq follows the order of the batch
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, seq, status = 'delivering' AS held
+)
+SELECT array_agg(id ORDER BY seq) FILTER (WHERE held),
+       array_agg(seq ORDER BY seq) FILTER (WHERE held),
+       CASE WHEN bool_or(NOT held) THEN pg_notify(%(channel)b, '') END
+FROM inserted
+"""
+
+RENEW = """
+UPDATE {schema}.events e SET lease_until = %(lease_until)b
+WHERE e.seq = ANY(ARRAY(
+        SELECT seq FROM {schema}.events
+        WHERE id = ANY(%(id)b) AND status = 'delivering' AND worker = %(worker)b
+        ORDER BY seq FOR NO KEY UPDATE))
+  AND e.status = 'delivering' AND e.worker = %(worker)b
+RETURNING e.id
+"""
+
 UPSERT_CHECKPOINTS = """
 INSERT INTO {schema}.checkpoints (source, position, updated_at)
 SELECT s, p, %(now)b FROM unnest(%(source)b::text[], %(position)b::text[]) AS c(s, p)
@@ -231,6 +294,8 @@ class Statements:
         self.loc = loc
         self.queue_key = loc.lock_key("queue")
         self.enqueue = render(ENQUEUE, loc.schema)
+        self.enqueue_held = render(ENQUEUE_HELD, loc.schema)
+        self.renew = render(RENEW, loc.schema)
         self.upsert_checkpoints = render(UPSERT_CHECKPOINTS, loc.schema)
         self.claim = render(CLAIM, loc.schema)
         self.lock_for_finish = render(LOCK_FOR_FINISH, loc.schema)
@@ -275,6 +340,58 @@ async def enqueue(conn: Conn, q: Statements, events: Sequence[Event],
         return 0
     row = await cur.fetchone()
     return int(row[0]) if row else 0
+
+
+async def enqueue_held(conn: Conn, q: Statements, events: Sequence[Event],
+                       checkpoints: Mapping[str, Position], lease_seconds: float,
+                       now: datetime, worker: str) -> list[Event]:
+    """``enqueue``, the new events held for ``worker`` where their rows allow
+    (see ENQUEUE_HELD); they come back from the insert's RETURNING, not read."""
+    params: dict[str, Any] = {
+        "id": [e.id for e in events],
+        "trigger": [e.trigger for e in events],
+        "database": [clean_text(e.database) for e in events],
+        "db_type": [e.db_type for e in events],
+        "table": [clean_text(e.table) for e in events],
+        "doc_id": [clean_text(e.doc_id) for e in events],
+        "type": [e.type for e in events],
+        "payload": [e.payload for e in events],
+        "now": now,
+        "lease_until": now + timedelta(seconds=lease_seconds),
+        "worker": worker,
+        "channel": q.loc.channel,
+    }
+    cur = None
+    async with conn.pipeline(), conn.transaction():
+        if events:
+            await lock_queue(conn, q, exclusive=True)
+            cur = await conn.execute(q.enqueue_held, params)
+        if checkpoints:
+            await conn.execute(q.upsert_checkpoints, {
+                "source": list(checkpoints), "now": now,
+                "position": [p.value for p in checkpoints.values()]})
+    if cur is None:
+        return []
+    row = await cur.fetchone()
+    if row is None or not row[0]:
+        return []
+    by_id = {e.id: e for e in events}
+    out = []
+    for id_, seq in zip(row[0], row[1], strict=True):
+        e = by_id[id_]
+        out.append(Event(id_, e.trigger, e.database, e.db_type, e.table, e.doc_id, e.type,
+                         e.payload, Status.DELIVERING, 0, seq, now, now, now, None))
+    return out
+
+
+async def renew(conn: Conn, q: Statements, event_ids: Sequence[str], lease_seconds: float,
+                now: datetime, worker: str) -> list[str]:
+    rows = await (await conn.execute(q.renew, {
+        "id": list(event_ids), "lease_until": now + timedelta(seconds=lease_seconds),
+        "worker": worker,
+    })).fetchall()
+    kept = {r[0] for r in rows}
+    return [eid for eid in event_ids if eid not in kept]
 
 
 async def claim(conn: Conn, q: Statements, limits: Mapping[str, int], lease_seconds: float,

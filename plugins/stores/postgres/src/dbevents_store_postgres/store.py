@@ -240,6 +240,19 @@ class PostgresStore:
             return 0
         return await self._run(eventqueue.enqueue, events, checkpoints, _now())
 
+    async def enqueue_held(self, events: Sequence[Event], checkpoints: Mapping[str, Position],
+                           lease_seconds: float) -> list[Event]:
+        if not events and not checkpoints:
+            return []
+        return await self._run(eventqueue.enqueue_held, events, checkpoints, lease_seconds,
+                               _now(), self.worker_id)
+
+    async def renew(self, event_ids: Sequence[str], lease_seconds: float) -> list[str]:
+        if not event_ids:
+            return []
+        return await self._run(eventqueue.renew, event_ids, lease_seconds, _now(),
+                               self.worker_id)
+
     async def claim(self, limits: Mapping[str, int], lease_seconds: float,
                     now: datetime) -> list[Event]:
         wanted = {t: n for t, n in limits.items() if n > 0}

@@ -34,6 +34,7 @@ from dbevents_store_sqlite.rows import (
     clean_text,
     encoded,
     event_from_row,
+    from_us,
     now_us,
     to_us,
 )
@@ -54,6 +55,26 @@ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', 0,
     NOT EXISTS (SELECT 1 FROM events WHERE {ACTIVE_SQL} AND trigger_name = ?2
                 AND doc_id IS ?6),
     ?8, ?8, ?8, ?8, ?9)
+"""
+# The same, held for this process (?10: delivering, leased until ?11) or not
+# (?10: pending, due now), as decided per row beforehand (_ROW_BEHIND).
+_INSERT_HELD = f"""
+INSERT OR IGNORE INTO events (id, trigger_name, database_name, db_type, table_name, doc_id,
+    event_type, status, attempts, head, due_at, next_attempt_at, created_at, updated_at,
+    payload)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?10, 0,
+    NOT EXISTS (SELECT 1 FROM events WHERE {ACTIVE_SQL} AND trigger_name = ?2
+                AND doc_id IS ?6),
+    ?11, ?8, ?8, ?8, ?9)
+"""
+# Whether a row has a pending event: then a new event of it waits behind that
+# one in the store. Only one worker runs on a file, so every delivering event
+# is this process's, and without a pending one the row's earlier events are
+# all in its memory. Asked once per row and batch: the walk is as long as the
+# row's active events (a hot row's held ones), so not once per event.
+_ROW_BEHIND = f"""
+SELECT 1 FROM events INDEXED BY events_active
+WHERE {ACTIVE_SQL} AND trigger_name = ? AND doc_id IS ? AND status = 'pending' LIMIT 1
 """
 _UPSERT_CHECKPOINT = """
 INSERT INTO checkpoints (source, position, updated_at) VALUES (?, ?, ?)
@@ -111,6 +132,68 @@ def enqueue(conn: sqlite3.Connection, events: Sequence[Event],
         return write(conn, body)
     finally:
         conn.execute("PRAGMA synchronous = NORMAL")
+
+
+def enqueue_held(conn: sqlite3.Connection, events: Sequence[Event],
+                 checkpoints: Mapping[str, Position], lease_seconds: float,
+                 durable: bool = False) -> list[Event]:
+    """``enqueue``, the new events held for this process where their row allows
+    (see _INSERT_HELD). The held ones come back without reading a row: only
+    their seq and status, from the seq range this transaction wrote."""
+    now = now_us()
+    lease_until = now + round(lease_seconds * 1_000_000)
+
+    def body(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+        held: list[tuple[str, int]] = []
+        if events:
+            behind = {row: conn.execute(_ROW_BEHIND, row).fetchone() is not None
+                      for row in dict.fromkeys((e.trigger, e.doc_id) for e in events)}
+            rows = [(e.id, e.trigger, e.database, e.db_type, e.table, e.doc_id, e.type, now,
+                     e.payload) + (("pending", now) if behind[(e.trigger, e.doc_id)]
+                                   else ("delivering", lease_until))
+                    for e in events]
+            last = conn.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
+            conn.executemany(_INSERT_HELD, rows)
+            held = conn.execute(
+                "SELECT id, seq FROM events WHERE seq > ? AND status = 'delivering'",
+                (last,)).fetchall()
+        if checkpoints:
+            conn.executemany(_UPSERT_CHECKPOINT,
+                             [(source, pos.value, now) for source, pos in checkpoints.items()])
+        return held
+
+    if durable:
+        conn.execute("PRAGMA synchronous = FULL")  # this commit fsyncs the WAL
+    try:
+        held = write(conn, body)
+    finally:
+        if durable:
+            conn.execute("PRAGMA synchronous = NORMAL")
+    if not held:
+        return []
+    by_id = {e.id: e for e in events}
+    at = from_us(now)
+    out = []
+    for id_, seq in held:
+        e = by_id[id_]
+        out.append(Event(id_, e.trigger, e.database, e.db_type, e.table, e.doc_id, e.type,
+                         e.payload, Status.DELIVERING, 0, seq, at, at, at, None))
+    out.sort(key=lambda e: e.seq)
+    return out
+
+
+def renew(conn: sqlite3.Connection, event_ids: Sequence[str], lease_seconds: float) -> list[str]:
+    until = now_us() + round(lease_seconds * 1_000_000)
+
+    def body(conn: sqlite3.Connection) -> list[str]:
+        lost = []
+        for eid in event_ids:
+            if conn.execute("UPDATE events SET due_at = ? WHERE id = ? AND status = 'delivering'",
+                            (until, eid)).rowcount == 0:
+                lost.append(eid)
+        return lost
+
+    return write(conn, body)
 
 
 def claim(conn: sqlite3.Connection, limits: Mapping[str, int], lease_seconds: float,

@@ -201,6 +201,19 @@ class SqliteStore:
         durable = bool(checkpoints) and self.location.synchronous == "normal"
         return await self._call(eventqueue.enqueue, events, checkpoints, durable)
 
+    async def enqueue_held(self, events: Sequence[Event], checkpoints: Mapping[str, Position],
+                           lease_seconds: float) -> list[Event]:
+        if not events and not checkpoints:
+            return []
+        durable = bool(checkpoints) and self.location.synchronous == "normal"
+        return await self._call(eventqueue.enqueue_held, events, checkpoints, lease_seconds,
+                                durable)
+
+    async def renew(self, event_ids: Sequence[str], lease_seconds: float) -> list[str]:
+        if not event_ids:
+            return []
+        return await self._call(eventqueue.renew, event_ids, lease_seconds)
+
     async def claim(self, limits: Mapping[str, int], lease_seconds: float,
                     now: datetime) -> list[Event]:
         wanted = {t: n for t, n in limits.items() if n > 0}
