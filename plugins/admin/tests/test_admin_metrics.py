@@ -5,6 +5,7 @@ the source's database."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.error
 import urllib.request
@@ -34,7 +35,7 @@ reconnect_for = 1.0
 [admin]
 listen = "127.0.0.1:{port}"
 token = "{token}"
-
+{extra}
 [[triggers]]
 name = "items"
 tables = ["items"]
@@ -44,27 +45,33 @@ backoff_base = 10
 """
 
 
-def start(server: PostgresServer, tmp_path: Path, receiver: ThreadedReceiver) -> Admin:
+@contextlib.contextmanager
+def started(server: PostgresServer, tmp_path: Path, receiver: ThreadedReceiver,
+            extra: str = "") -> Iterator[Admin]:
+    """`dbevents run` on a new database of ``server``; then stopped, and the
+    database dropped (its replication slot, named by the source, with it)."""
     name = f"metrics_{uuid.uuid4().hex[:8]}"
     server.create_database(name)
     server.execute("CREATE TABLE items (id int PRIMARY KEY, name text)", dbname=name)
     port = free_port()
     config = tmp_path / "dbevents.toml"
     config.write_text(CONFIG.format(dsn=server.dsn(name), port=port, token=TOKEN,
-                                    hook=receiver.url("/hook")))
-    return Admin(base=f"http://127.0.0.1:{port}", config=config, receiver=receiver,
-                 sql=lambda text: server.execute(text, dbname=name),
-                 process=Dbevents(config).start())
+                                    hook=receiver.url("/hook"), extra=extra))
+    process = Dbevents(config).start()
+    try:
+        yield Admin(base=f"http://127.0.0.1:{port}", config=config, receiver=receiver,
+                    sql=lambda text: server.execute(text, dbname=name), process=process)
+    finally:
+        process.stop()
+        if server.running:
+            server.drop_database(name)
 
 
 @pytest.fixture
 def running(postgres_server: PostgresServer, tmp_path: Path,
             receiver: ThreadedReceiver) -> Iterator[Admin]:
-    admin = start(postgres_server, tmp_path, receiver)
-    try:
+    with started(postgres_server, tmp_path, receiver) as admin:
         yield admin
-    finally:
-        admin.process.stop()
 
 
 def get(admin: Admin, path: str, token: str | None = TOKEN) -> tuple[int, bytes]:
@@ -141,21 +148,31 @@ def test_metrics_count_what_the_receiver_saw(running: Admin) -> None:
 
 def test_readyz_names_a_source_whose_database_went_away(
         tmp_path: Path, receiver: ThreadedReceiver) -> None:
-    server = PostgresServer().start()
-    admin = start(server, tmp_path, receiver)
+    server = PostgresServer().start()  # its own server, to stop mid-run
     try:
-        admin.wait_until("ready", lambda: readyz(admin)[0] == 200)
-        server.stop()
-        admin.wait_until("not ready", lambda: readyz(admin)[0] == 503)
-        status, body = readyz(admin)
-        assert status == 503 and body["status"] == "not ready"
-        assert list(body["not_ready"]) == ["databases.app"]  # the store still answers
-        # The process still serves, and says so.
-        assert get(admin, "/healthz", token=None)[0] == 200
-        m = scrape(admin)
-        admin.wait_until("stopped streaming", lambda: value(
-            scrape(admin), "dbevents_source_streaming", database="app") == 0)
-        assert value(m, "dbevents_changes_captured_total", database="app") == 0
+        with started(server, tmp_path, receiver) as admin:
+            admin.wait_until("ready", lambda: readyz(admin)[0] == 200)
+            server.stop()
+            admin.wait_until("not ready", lambda: readyz(admin)[0] == 503)
+            status, body = readyz(admin)
+            assert status == 503 and body["status"] == "not ready"
+            assert list(body["not_ready"]) == ["databases.app"]  # the store still answers
+            # The process still serves, and says so.
+            assert get(admin, "/healthz", token=None)[0] == 200
+            # Capture gives up after reconnect_for and restarts: not streaming meanwhile.
+            admin.wait_until("stopped streaming", lambda: value(
+                scrape(admin), "dbevents_source_streaming", database="app") == 0)
     finally:
-        admin.process.stop()
         server.stop()
+
+
+def test_metrics_public_serves_metrics_alone_without_the_token(
+        postgres_server: PostgresServer, tmp_path: Path, receiver: ThreadedReceiver) -> None:
+    with started(postgres_server, tmp_path, receiver,
+                 extra="metrics_public = true\n") as admin:
+        admin.wait_until("ready", lambda: readyz(admin)[0] == 200)
+        status, body = get(admin, "/metrics", token=None)
+        assert status == 200
+        names = {f.name for f in text_string_to_metric_families(body.decode())}
+        assert {"dbevents_changes_captured", "dbevents_queue_events"} <= names
+        assert get(admin, "/api/events", token=None)[0] == 401  # the rest still needs it
