@@ -13,9 +13,11 @@ from dbevents.errors import (
     StoreUnavailable,
 )
 from dbevents.hookspecs import hookimpl
+from dbevents.observers import commit_time
 from dbevents.protocols import (
     EventFilter,
     Matcher,
+    Observer,
     Preflight,
     Problem,
     Sink,
@@ -51,6 +53,7 @@ __all__ = [
     "EventFilter",
     "Finish",
     "Matcher",
+    "Observer",
     "Operation",
     "Outcome",
     "PluginError",
@@ -70,6 +73,7 @@ __all__ = [
     "Trigger",
     "TriggerStats",
     "batch_body",
+    "commit_time",
     "hookimpl",
     "request_body",
 ]

@@ -40,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from dbevents.backoff import jittered
+from dbevents.observers import NONE, Observers
 from dbevents.protocols import Sink, Store
 from dbevents.values import Attempt, Event, Finish, Outcome, Status, Trigger
 
@@ -106,6 +107,7 @@ def verdicts(trigger: Trigger, events: Sequence[Event], outcomes: Sequence[Outco
 class Dispatcher:
     HOLD_LIMIT = 20_000  # events held in memory (queued, in lanes, in flight, unrecorded)
 
+    observers: Observers = NONE  # the engine sets its own
     def __init__(self, store: Store, triggers: Sequence[Trigger], sinks: Mapping[str, Sink],
                  finish_batch: int = 2000) -> None:
         self.store = store
@@ -465,6 +467,7 @@ class Dispatcher:
                                 error=f"sink error: {type(exc).__name__}: {exc}")] * len(events)
         now = _now()
         finishes = verdicts(trigger, events, outcomes, now)
+        self.observers.delivered(trigger, events, outcomes, finishes)
         name = trigger.name
         self._done.extend(finishes)
         self._done_ready.set()

@@ -25,6 +25,7 @@ from dbevents.dispatcher import Dispatcher
 from dbevents.errors import ConfigError, SetupError, SourceUnavailable
 from dbevents.masking import mask_dsn
 from dbevents.matching import TriggerMatcher
+from dbevents.observers import make_observers
 from dbevents.plugins import Plugins
 from dbevents.protocols import (
     Sink,
@@ -85,6 +86,7 @@ class Engine:
                 config_dir=config.dir,
             ))
         self.dispatcher = Dispatcher(self.store, config.triggers, self.sinks)
+        self.observers = self.dispatcher.observers = make_observers(config, plugins)
         self.source_id = ""
         self.captured = 0
         self._stop = asyncio.Event()
@@ -103,7 +105,7 @@ class Engine:
             self.source_id = self.config.eventing.source_id or await self.store.instance_id()
             # Services (e.g. [admin]) start once the store is open; closed with the rest.
             for service in make_services(self.config, self.plugins, self.store,
-                                         self.dispatcher.wake):
+                                         self.dispatcher.wake, self.observers):
                 await service.start()
                 opened.append(service)
             for name, source in self.sources.items():
@@ -173,6 +175,7 @@ class Engine:
                 raise
             except Exception as exc:
                 kind = "unavailable" if isinstance(exc, SourceUnavailable) else "failed"
+                self.observers.source_state(name, False, str(exc) or type(exc).__name__)
                 delay = backoff.next()
                 log.warning(f"source {kind}; restarting from the checkpoint",
                             database=name, error=str(exc), retry_in=round(delay, 1),
@@ -182,6 +185,7 @@ class Engine:
     async def _capture_once(self, name: str, source: Source) -> None:
         since = await self._retry_store(lambda: self.store.checkpoint(name))
         log.info("capture starting", database=name, since=str(since) if since else None)
+        self.observers.source_state(name, True)
         queue: asyncio.Queue[ChangeBatch | BaseException] = asyncio.Queue(QUEUE_BATCHES)
 
         async def read() -> None:
@@ -267,6 +271,7 @@ class Engine:
         if checkpoint is not None:
             await source.confirm(checkpoint)
         self.captured += len(changes)
+        self.observers.batch(name, changes, events, new, checkpoint)
         if changes:
             log.info("captured", database=name, changes=len(changes), events=len(events),
                      new=new, checkpoint=str(checkpoint) if checkpoint else None,

@@ -9,7 +9,7 @@ from typing import Any
 import click
 import pluggy
 
-from dbevents.protocols import Matcher, Service, Sink, Source, Store
+from dbevents.protocols import Matcher, Observer, Service, Sink, Source, Store
 
 hookspec = pluggy.HookspecMarker("dbevents")
 hookimpl = pluggy.HookimplMarker("dbevents")
@@ -22,6 +22,7 @@ RegisterSink = Callable[[str, type[Sink]], None]
 RegisterStore = Callable[[str, type[Store]], None]
 RegisterMatcher = Callable[[str, type[Matcher]], None]
 RegisterService = Callable[[str, type[Service]], None]
+RegisterObserver = Callable[[str, type[Observer]], None]
 
 
 @hookspec
@@ -48,6 +49,12 @@ def register_matchers(register: RegisterMatcher) -> None:
 def register_services(register: RegisterService) -> None:
     """register("admin", AdminService): a service that runs beside the engine,
     configured by the top-level table of that name ([admin])."""
+
+
+@hookspec
+def register_observers(register: RegisterObserver) -> None:
+    """register("admin", AdminMetrics): a class the engine makes one instance of
+    per `dbevents run`, told of its lifecycle moments (dbevents.protocols.Observer)."""
 
 
 @hookspec

@@ -26,6 +26,7 @@ from dbevents.protocols import (
     DATABASE_KEYS,
     TRIGGER_KEYS,
     Matcher,
+    Observer,
     Service,
     Sink,
     Source,
@@ -37,10 +38,12 @@ from dbevents.protocols import (
 from dbevents.values import Operation
 
 GROUP = "dbevents"
-KINDS = ("source", "sink", "store", "matcher", "service")
-Kind = Literal["source", "sink", "store", "matcher", "service"]
+KINDS = ("source", "sink", "store", "matcher", "service", "observer")
+Kind = Literal["source", "sink", "store", "matcher", "service", "observer"]
 PROTOCOLS: dict[str, type] = {"source": Source, "sink": Sink, "store": Store,
-                              "matcher": Matcher, "service": Service}
+                              "matcher": Matcher, "service": Service, "observer": Observer}
+# Kinds whose protocol methods are each optional (an observer defines the moments it wants).
+OPTIONAL_MEMBERS = ("observer",)
 log = structlog.get_logger("dbevents.plugins")
 
 
@@ -171,6 +174,8 @@ class Plugins:
     @overload
     def get(self, kind: Literal["service"], name: str) -> type[Service]: ...
     @overload
+    def get(self, kind: Literal["observer"], name: str) -> type[Observer]: ...
+    @overload
     def get(self, kind: str, name: str) -> Any: ...
     def get(self, kind: str, name: str) -> Any:
         info = self.registry[kind].get(name)
@@ -250,7 +255,7 @@ def misfit_reason(kind: str, obj: Any) -> str:
     proto = PROTOCOLS[kind]
     names = set(getattr(proto, "__annotations__", {})) | {
         n for n, v in vars(proto).items() if not n.startswith("_") and callable(v)}
-    missing = sorted(n for n in names if not hasattr(obj, n))
+    missing = [] if kind in OPTIONAL_MEMBERS else sorted(n for n in names if not hasattr(obj, n))
     if missing:
         return f"{obj.__qualname__} has no {', '.join(missing)}"
     if getattr(obj, "Options", None) is not None and options_class(obj) is None:

@@ -342,6 +342,64 @@ class FindsEventIds(Protocol):
     async def find_event_ids(self, prefix: str, limit: int) -> list[str]:
         """Up to ``limit`` ids of stored events that start with ``prefix``, sorted."""
         ...
+class ObserverContext(Protocol):
+    """What an observer is handed when the engine makes it."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def plugins(self) -> Plugins: ...
+
+
+# The moments an observer may define, in the order a change meets them.
+OBSERVER_MOMENTS = ("captured", "stored", "attempted", "finished", "source_state")
+
+
+@runtime_checkable
+class Observer(Protocol):
+    """Watches the engine of a `dbevents run` (e.g. to export metrics).
+
+    Registered with ``register_observers``; the engine makes one instance per
+    class, ``cls(context)``. Every moment is optional: define only those you
+    want; one left out costs nothing. They are called synchronously on the
+    engine's event loop, once per batch or per request (never per event), so
+    they must be cheap and must not block: no I/O, no awaiting. One that raises
+    is logged once and does not stop capture or delivery.
+
+    An instance whose ``active`` attribute is False is dropped (e.g. a metrics
+    observer whose service is not configured). Default: active.
+    """
+
+    def __init__(self, context: ObserverContext) -> None: ...
+
+    def captured(self, database: str, changes: Sequence[Change], events: Sequence[Event],
+                 lag_seconds: float) -> None:
+        """Changes read from ``database`` and the events they matched, about to
+        be confirmed; ``lag_seconds``: now minus the commit time of the last."""
+
+    def stored(self, database: str, new_events: int, checkpoint: Position | None) -> None:
+        """The batch is committed to the store: ``new_events`` were not there yet."""
+
+    def attempted(self, trigger: Trigger, events: Sequence[Event],
+                  outcomes: Sequence[Outcome]) -> None:
+        """One attempt at delivering ``events`` (one outcome each; events of one
+        request share theirs). ``dbevents.commit_time(event)`` is when the change
+        behind an event was committed, for a commit-to-delivery latency."""
+
+    def finished(self, trigger: Trigger, finishes: Sequence[Finish]) -> None:
+        """The verdicts on those events: delivered, failed, or pending a retry."""
+
+    def source_state(self, database: str, streaming: bool, error: str | None) -> None:
+        """Capture from ``database`` started (streaming) or stopped (with why);
+        the engine restarts it from the checkpoint after a backoff."""
+
+
+def observer_active(observer: object) -> bool:
+    """``active``: False drops the observer for this run. Default: True."""
+    return bool(getattr(observer, "active", True))
+
+
 class ServiceContext(Protocol):
     """What a service is handed: the open store, the config, the plugins."""
 
@@ -356,6 +414,11 @@ class ServiceContext(Protocol):
 
     def wake(self) -> None:
         """Tell this process's dispatcher that work is due (after a redeliver)."""
+
+    def observer(self, name: str) -> Observer | None:
+        """This process's instance of the observer registered as ``name``: how a
+        service reads what its plugin's observer saw. None when it is not active
+        or no engine runs here (`dbevents console`)."""
 
 
 @runtime_checkable
@@ -374,12 +437,15 @@ class Service(Protocol):
 
 __all__ = [
     "DATABASE_KEYS",
+    "OBSERVER_MOMENTS",
     "STORE_ROLES",
     "TRIGGER_KEYS",
     "ChangeBatch",
     "EventFilter",
     "FindsEventIds",
     "Matcher",
+    "Observer",
+    "ObserverContext",
     "Preflight",
     "Problem",
     "Service",
@@ -393,6 +459,7 @@ __all__ = [
     "StoreSettings",
     "TriggerStats",
     "initial_position",
+    "observer_active",
     "options_class",
     "source_operations",
     "status_probe",

@@ -8,8 +8,9 @@ from collections.abc import Callable
 import attrs
 
 from dbevents.config import Config
+from dbevents.observers import NONE, Observers
 from dbevents.plugins import Plugins
-from dbevents.protocols import Service, Store
+from dbevents.protocols import Observer, Service, Store
 
 
 @attrs.frozen
@@ -20,14 +21,19 @@ class Context:
     config: Config
     plugins: Plugins
     waker: Callable[[], None] = lambda: None
+    observers: Observers = NONE
 
     def wake(self) -> None:
         self.waker()
 
+    def observer(self, name: str) -> Observer | None:
+        return self.observers.get(name)
+
 
 def make_services(config: Config, plugins: Plugins, store: Store,
-                  wake: Callable[[], None]) -> list[Service]:
+                  wake: Callable[[], None], observers: Observers = NONE) -> list[Service]:
     """One instance per service whose table the config has."""
-    context = Context(store=store, config=config, plugins=plugins, waker=wake)
+    context = Context(store=store, config=config, plugins=plugins, waker=wake,
+                      observers=observers)
     return [plugins.get("service", name)(options, context)
             for name, options in config.services.items()]

@@ -3,6 +3,7 @@ the token check in front of both."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -17,8 +18,10 @@ from aiohttp import web
 from dbevents import Event, EventFilter, Status, request_body
 from dbevents.masking import mask_url
 from dbevents.protocols import ServiceContext
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dbevents_admin import pages
+from dbevents_admin.metrics import AdminMetrics
 from dbevents_admin.openapi import document
 from dbevents_admin.options import Options
 
@@ -26,6 +29,10 @@ log = structlog.get_logger("dbevents.admin")
 
 CONTEXT = web.AppKey("context", ServiceContext)
 OPTIONS = web.AppKey("options", Options)
+METRICS = web.AppKey("metrics", AdminMetrics)
+# Set when an engine runs in this process (`dbevents run`), not in `dbevents console`.
+ENGINE = web.AppKey("engine", bool)
+STORE_TIMEOUT = 5.0  # seconds /readyz and /metrics wait for the store
 COOKIE = "dbevents_admin"
 MAX_LIMIT = 500
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -38,7 +45,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-OPEN_PATHS = ("/healthz", "/login", "/logout")
+OPEN_PATHS = ("/healthz", "/readyz", "/login", "/logout")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
@@ -83,10 +90,11 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.path
-    if path in OPEN_PATHS or path.startswith("/static/"):
+    if path in OPEN_PATHS or path.startswith("/static/") or (
+            path == "/metrics" and request.app[OPTIONS].metrics_public):
         return await handler(request)
     allowed, by_cookie = _authorized(request, request.app[OPTIONS].bearer)
-    api = path.startswith("/api/") or path == "/openapi.json"
+    api = path.startswith("/api/") or path in ("/openapi.json", "/metrics")
     if not allowed:
         if api or request.method != "GET":
             return web.json_response({"error": "a valid bearer token is required"}, status=401,
@@ -230,6 +238,32 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """200 when the store answers and (under `dbevents run`) every source is
+    streaming; else 503 naming what is not ready."""
+    not_ready: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(_ctx(request).store.checkpoints(), STORE_TIMEOUT)
+    except Exception as exc:
+        not_ready["store"] = f"the eventing DB does not answer: {str(exc) or type(exc).__name__}"
+    if request.app[ENGINE]:
+        not_ready.update({f"databases.{name}": why
+                          for name, why in request.app[METRICS].not_ready().items()})
+    if not_ready:
+        return web.json_response({"status": "not ready", "not_ready": not_ready}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    found = request.app[METRICS]
+    try:  # the queue gauge is read now, the rest is what was counted or polled
+        await asyncio.wait_for(found.refresh_queue(_ctx(request)), STORE_TIMEOUT)
+    except Exception as exc:
+        log.warning("queue depth not read for /metrics", error=str(exc) or type(exc).__name__)
+    return web.Response(body=generate_latest(found.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(document())
 
@@ -331,12 +365,19 @@ async def api_purge(request: web.Request) -> web.Response:
     return web.json_response({"purged": n})
 
 
-def build_app(context: ServiceContext, options: Options) -> web.Application:
+def build_app(context: ServiceContext, options: Options,
+              found: AdminMetrics | None = None) -> web.Application:
     app = web.Application(middlewares=[guard])
     app[CONTEXT] = context
     app[OPTIONS] = options
+    app[ENGINE] = found is not None
+    # Without an engine (console) the counters stay at zero; the queue and
+    # process facts are still served.
+    app[METRICS] = found if found is not None else AdminMetrics(context)
     app.add_routes([
         web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics),
         web.get("/openapi.json", openapi),
         web.get("/api/triggers", api_triggers),
         web.get("/api/sources", api_sources),

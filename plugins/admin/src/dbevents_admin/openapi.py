@@ -40,6 +40,16 @@ def document() -> dict[str, Any]:
             "/healthz": {"get": {
                 "summary": "Liveness; needs no token", "security": [],
                 "responses": {"200": {"description": '{"status": "ok"}'}}}},
+            "/readyz": {"get": {
+                "summary": "Readiness: the store answers and every source streams; needs "
+                           "no token",
+                "security": [],
+                "responses": {"200": {"description": '{"status": "ready"}'},
+                              "503": {"description": '{"status": "not ready", "not_ready": '
+                                                     '{part: why}}'}}}},
+            "/metrics": {"get": {
+                "summary": "Prometheus text format (no token with admin.metrics_public)",
+                "responses": {"200": {"description": "text/plain; version=0.0.4"}}}},
             "/api/triggers": {"get": {
                 "summary": "Triggers with their settings, counts by status and last delivery",
                 "responses": _ok("triggers", _OBJ)}},

@@ -36,6 +36,9 @@ class Options:
     listen: str = DEFAULT_LISTEN
     # Usually "${DBEVENTS_ADMIN_TOKEN}"; when absent, that variable is read directly.
     token: str | None = None
+    # /metrics without the token, for a scraper that cannot send one; the counts
+    # and names it shows (triggers, databases) are then open to whoever reaches it.
+    metrics_public: bool = False
 
     def __attrs_post_init__(self) -> None:
         host, _ = split_listen(self.listen)

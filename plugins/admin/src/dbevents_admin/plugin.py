@@ -15,6 +15,7 @@ from dbevents import DbeventsError, SetupError, hookimpl
 from dbevents.protocols import ServiceContext, Store
 
 from dbevents_admin.app import build_app
+from dbevents_admin.metrics import AdminMetrics
 from dbevents_admin.options import Options as AdminOptions
 
 log = structlog.get_logger("dbevents.admin")
@@ -29,10 +30,13 @@ class AdminService:
         self.options = options or AdminOptions()
         self.context = context
         self.runner: web.AppRunner | None = None
+        self.poller: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         opts = self.options
-        self.runner = web.AppRunner(build_app(self.context, opts), access_log=None)
+        found = self.context.observer("admin")
+        metrics = found if isinstance(found, AdminMetrics) else None
+        self.runner = web.AppRunner(build_app(self.context, opts, metrics), access_log=None)
         await self.runner.setup()
         try:
             await web.TCPSite(self.runner, opts.host, opts.port).start()
@@ -47,8 +51,14 @@ class AdminService:
         host = f"[{opts.host}]" if ":" in opts.host else opts.host
         log.info("admin listening", url=f"http://{host}:{opts.port}/",
                  token=opts.bearer is not None)
+        if metrics is not None:
+            self.poller = asyncio.create_task(metrics.poll(self.context), name="admin-metrics")
 
     async def close(self) -> None:
+        if self.poller is not None:
+            self.poller.cancel()
+            await asyncio.gather(self.poller, return_exceptions=True)
+            self.poller = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -65,6 +75,9 @@ class ConsoleContext:
 
     def wake(self) -> None:
         pass
+
+    def observer(self, name: str) -> None:
+        return None  # no engine runs in `dbevents console`
 
 
 @click.command("console")
@@ -106,6 +119,11 @@ def console(state: Any, listen: str | None) -> None:
 @hookimpl
 def register_services(register: Any) -> None:
     register("admin", AdminService)
+
+
+@hookimpl
+def register_observers(register: Any) -> None:
+    register("admin", AdminMetrics)
 
 
 @hookimpl
