@@ -317,6 +317,31 @@ class FindsEventIds(Protocol):
     async def find_event_ids(self, prefix: str, limit: int) -> list[str]:
         """Up to ``limit`` ids of stored events that start with ``prefix``, sorted."""
         ...
+
+
+# -- Optional: paused triggers, for `dbevents status` ------------------------------
+
+
+@runtime_checkable
+class PausesTriggers(Protocol):
+    """Optional on a store (read with getattr). The dispatcher pauses a trigger
+    whose receiver is down and records it here, so `dbevents status` in another
+    process can show it. Default, for a store without it: the pause is only in
+    the running process's log."""
+
+    async def set_trigger_paused(self, trigger: str, since: datetime | None) -> None:
+        """Record ``trigger`` as paused since ``since``; None: no longer paused."""
+
+    async def paused_triggers(self) -> dict[str, datetime]:
+        """Every trigger recorded as paused, with since when."""
+        ...
+
+
+def trigger_pauses(store: object) -> PausesTriggers | None:
+    """The store's pause record, or None when it keeps none."""
+    return store if isinstance(store, PausesTriggers) else None
+
+
 class ServiceContext(Protocol):
     """What a service is handed: the open store, the config, the plugins."""
 
@@ -355,6 +380,7 @@ __all__ = [
     "EventFilter",
     "FindsEventIds",
     "Matcher",
+    "PausesTriggers",
     "Preflight",
     "Problem",
     "Service",
