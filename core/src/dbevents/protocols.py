@@ -132,7 +132,8 @@ def target_validator(sink: object) -> TargetValidator | None:
 # The trigger and database keys the core reads itself; a plugin's Options may not
 # declare them.
 TRIGGER_KEYS = ("name", "source", "databases", "tables", "operations", "url", "retries",
-                "timeout", "concurrency", "backoff_base", "backoff_max", "sink")
+                "timeout", "concurrency", "backoff_base", "backoff_max", "backoff_factor",
+                "pause_after", "probe_max", "sink")
 DATABASE_KEYS = ("type", "url")
 
 # Who opens a store: "worker", a process that captures and delivers; "admin", a CLI
