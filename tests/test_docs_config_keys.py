@@ -71,7 +71,7 @@ def test_trigger_keys_and_defaults() -> None:
     [trigger] = parse({"triggers": [{"name": "t", "url": "https://hooks.example.com/x"}]},
                       plugins.load()).triggers
     for key in ("source", "retries", "timeout", "concurrency", "backoff_base",
-                "backoff_max", "sink"):
+                "backoff_max", "backoff_factor", "pause_after", "probe_max", "sink"):
         assert literal(doc[key]) == getattr(trigger, key), key
     assert doc["name"] == doc["url"] == "required"
     assert doc["databases"] == "every database" and trigger.databases is None

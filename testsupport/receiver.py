@@ -97,6 +97,8 @@ class Receiver:
         self.port = 0
         self._rng = random.Random(seed)
         self._scripts: dict[str, _Script] = {}
+        # (path, bytes in the body) -> script: one event among many answered apart.
+        self._matching: dict[tuple[str, bytes], _Script] = {}
         self._requests: list[RecordedRequest] = []
         # Guards scripts and requests, which ThreadedReceiver's caller reads from
         # another thread; notified on every request for blocking waiters.
@@ -140,6 +142,14 @@ class Receiver:
         with self._cond:
             self._scripts[path] = _Script([_as_reply(r) for r in replies])
 
+    def script_matching(self, path: str, needle: bytes, *replies: ReplySpec) -> None:
+        """Replies for requests to ``path`` whose body contains ``needle`` (before the
+        path's own script): e.g. one poisoned event answered 500 while others pass."""
+        if not replies:
+            raise ValueError("script_matching needs at least one reply")
+        with self._cond:
+            self._matching[(path, needle)] = _Script([_as_reply(r) for r in replies])
+
     def requests(self, path: str | None = None) -> list[RecordedRequest]:
         """Requests received so far, oldest first, optionally only those for ``path``."""
         with self._cond:
@@ -166,7 +176,9 @@ class Receiver:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         with self._cond:
-            script = self._scripts.get(request.path) or self._scripts.get("*")
+            script = next((sc for (path, needle), sc in self._matching.items()
+                           if path == request.path and needle in body), None) \
+                or self._scripts.get(request.path) or self._scripts.get("*")
             reply = script.next() if script else Reply()
             self._requests.append(
                 RecordedRequest(
@@ -265,6 +277,9 @@ class ThreadedReceiver:
 
     def script(self, path: str, *replies: ReplySpec) -> None:
         self.receiver.script(path, *replies)
+
+    def script_matching(self, path: str, needle: bytes, *replies: ReplySpec) -> None:
+        self.receiver.script_matching(path, needle, *replies)
 
     def requests(self, path: str | None = None) -> list[RecordedRequest]:
         return self.receiver.requests(path)

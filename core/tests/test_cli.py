@@ -133,7 +133,7 @@ def test_events_list_show_redeliver_purge_status(tmp_path: Path) -> None:
     r = invoke(tmp_path, GOOD, "status", "--json")
     st = json.loads(r.output)
     assert st["triggers"] == [{"trigger": "t", "pending": 1, "delivering": 1, "delivered": 1,
-                               "failed": 0}]
+                               "failed": 0, "paused_since": None}]
     assert st["sources"]["app"]["type"] == "memory"
 
     r = invoke(tmp_path, GOOD, "events", "purge", "--older-than", "0s", "--status", "delivered")
@@ -246,3 +246,29 @@ def test_events_show_takes_a_unique_id_prefix(tmp_path: Path) -> None:
     assert r.exit_code == 0 and json.loads(r.output)["id"] == ids[1]
     r = invoke(tmp_path, GOOD, "events", "show", "9")
     assert r.exit_code == 1 and "no event with id 9" in r.output
+
+
+def test_status_shows_a_paused_trigger_and_since_when(tmp_path: Path) -> None:
+    """The running process records a pause in the store; `status` (another
+    process, here another store instance on the same data) shows it."""
+    from datetime import UTC, datetime
+
+    from dbevents.protocols import StoreSettings
+    from dbevents.testing.memory import MemoryStore
+
+    since = datetime(2026, 12, 5, 18, 0, tzinfo=UTC)
+
+    async def pause() -> None:
+        store = MemoryStore(StoreSettings(url="memory://cli-paused"))
+        await store.open()
+        await store.set_trigger_paused("t", since)
+
+    asyncio.run(pause())
+    toml = GOOD.replace("memory://cli", "memory://cli-paused")
+    r = invoke(tmp_path, toml, "status", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["triggers"] == [
+        {"trigger": "t", "pending": 0, "delivering": 0, "delivered": 0, "failed": 0,
+         "paused_since": since.isoformat()}]
+    r = invoke(tmp_path, toml, "status")
+    assert "paused since 2026-12-05T18:00:00+00:00 (receiver down)" in r.output

@@ -26,7 +26,16 @@ from dbevents.envelope import request_body
 from dbevents.errors import DbeventsError
 from dbevents.hints import command
 from dbevents.masking import mask_dsn, mask_url, scrub
-from dbevents.protocols import EventFilter, Problem, SourceSettings, Store, StoreRole, status_probe
+from dbevents.protocols import (
+    EventFilter,
+    Problem,
+    SourceSettings,
+    Store,
+    StoreRole,
+    TriggerStats,
+    status_probe,
+    trigger_pauses,
+)
 from dbevents.values import Event, Status
 
 T = TypeVar("T")
@@ -452,6 +461,9 @@ def status(state: State, as_json: bool) -> None:
 
     async def body(store: Store) -> Any:
         stats = await store.stats()
+        pauses = trigger_pauses(store)
+        paused = await pauses.paused_triggers() if pauses is not None else {}
+        stats += [TriggerStats(t) for t in sorted(set(paused) - {s.trigger for s in stats})]
         cps = await store.checkpoints()
         sources = {}
         for name, db in cfg.databases.items():
@@ -466,21 +478,29 @@ def status(state: State, as_json: bool) -> None:
                 except Exception as exc:  # the database may be down; say so, don't fail
                     info["probe"] = _probe_failure(exc)
             sources[name] = info
-        return stats, sources
+        return stats, paused, sources
 
-    stats, sources = run_async(with_store(state, body))
+    stats, paused, sources = run_async(with_store(state, body))
+
+    def since(trigger: str) -> str | None:
+        moment = paused.get(trigger)
+        return moment.isoformat() if moment is not None else None
+
     if as_json:
         click.echo(scrub(json.dumps({
             "triggers": [{"trigger": s.trigger, "pending": s.pending,
                           "delivering": s.delivering, "delivered": s.delivered,
-                          "failed": s.failed} for s in stats],
+                          "failed": s.failed, "paused_since": since(s.trigger)}
+                         for s in stats],
             "sources": sources}, indent=2)))
         return
     click.echo(f"{'TRIGGER':<24} {'PENDING':>8} {'DELIVERING':>10} {'DELIVERED':>10} "
-               f"{'FAILED':>7}")
+               f"{'FAILED':>7}  STATE")
     for s in stats:
+        state_ = f"paused since {since(s.trigger)} (receiver down)" if s.trigger in paused \
+            else "delivering"
         click.echo(f"{s.trigger[:24]:<24} {s.pending:>8} {s.delivering:>10} {s.delivered:>10} "
-                   f"{s.failed:>7}")
+                   f"{s.failed:>7}  {state_}")
     click.echo("")
     click.echo(f"{'SOURCE':<24} {'TYPE':<10} CHECKPOINT / LAG")
     for name, info in sources.items():

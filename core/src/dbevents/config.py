@@ -499,6 +499,18 @@ def _triggers(raw: Any, databases: Mapping[str, DatabaseConfig],
             raise ConfigError(
                 f"milliseconds, need 0 <= backoff_base <= backoff_max, got {backoff_base} and "
                 f"{backoff_max}", path=f"{p}.backoff_max")
+        backoff_factor = coerce(float, table.get("backoff_factor", 10.0), f"{p}.backoff_factor")
+        if not 1.0 <= backoff_factor <= 100.0:
+            raise ConfigError(f"must be between 1 and 100, got {backoff_factor:g}",
+                              path=f"{p}.backoff_factor")
+        pause_after = coerce(int, table.get("pause_after", 5), f"{p}.pause_after")
+        if pause_after < 0 or pause_after == 1:
+            raise ConfigError(f"must be 0 (never pause) or 2 or more, got {pause_after}",
+                              path=f"{p}.pause_after")
+        probe_max = coerce(int, table.get("probe_max", 10000), f"{p}.probe_max")
+        if probe_max <= 0:
+            raise ConfigError(f"milliseconds, must be above 0, got {probe_max}",
+                              path=f"{p}.probe_max")
         sink_raw = {k: v for k, v in table.items() if k in sink_keys}
         sink_options = structure(sink_cls, sink_raw, p, "a trigger") if sink_cls else None
         validate = target_validator(sink)
@@ -525,7 +537,8 @@ def _triggers(raw: Any, databases: Mapping[str, DatabaseConfig],
         out.append(Trigger(
             name=name, url=url, source=source, databases=dbs, tables=tables,
             operations=operations, retries=retries, timeout=timeout, concurrency=concurrency,
-            backoff_base=backoff_base, backoff_max=backoff_max, sink=sink_name,
+            backoff_base=backoff_base, backoff_max=backoff_max, backoff_factor=backoff_factor,
+            pause_after=pause_after, probe_max=probe_max, sink=sink_name,
             sink_options=sink_options, matcher_options=matcher_options,
         ))
     return tuple(out)

@@ -132,7 +132,8 @@ def target_validator(sink: object) -> TargetValidator | None:
 # The trigger and database keys the core reads itself; a plugin's Options may not
 # declare them.
 TRIGGER_KEYS = ("name", "source", "databases", "tables", "operations", "url", "retries",
-                "timeout", "concurrency", "backoff_base", "backoff_max", "sink")
+                "timeout", "concurrency", "backoff_base", "backoff_max", "backoff_factor",
+                "pause_after", "probe_max", "sink")
 DATABASE_KEYS = ("type", "url")
 
 # Who opens a store: "worker", a process that captures and delivers; "admin", a CLI
@@ -400,6 +401,29 @@ def observer_active(observer: object) -> bool:
     return bool(getattr(observer, "active", True))
 
 
+# -- Optional: paused triggers, for `dbevents status` ------------------------------
+
+
+@runtime_checkable
+class PausesTriggers(Protocol):
+    """Optional on a store (read with getattr). The dispatcher pauses a trigger
+    whose receiver is down and records it here, so `dbevents status` in another
+    process can show it. Default, for a store without it: the pause is only in
+    the running process's log."""
+
+    async def set_trigger_paused(self, trigger: str, since: datetime | None) -> None:
+        """Record ``trigger`` as paused since ``since``; None: no longer paused."""
+
+    async def paused_triggers(self) -> dict[str, datetime]:
+        """Every trigger recorded as paused, with since when."""
+        ...
+
+
+def trigger_pauses(store: object) -> PausesTriggers | None:
+    """The store's pause record, or None when it keeps none."""
+    return store if isinstance(store, PausesTriggers) else None
+
+
 class ServiceContext(Protocol):
     """What a service is handed: the open store, the config, the plugins."""
 
@@ -446,6 +470,7 @@ __all__ = [
     "Matcher",
     "Observer",
     "ObserverContext",
+    "PausesTriggers",
     "Preflight",
     "Problem",
     "Service",

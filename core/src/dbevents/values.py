@@ -122,8 +122,15 @@ class Trigger:
     retries: int = 3
     timeout: int = 5000  # milliseconds per attempt
     concurrency: int = 16  # deliveries of this trigger in flight at once
-    backoff_base: int = 1000  # milliseconds; retry n waits up to base * 2**(n-1)
+    # Retry n waits about base * factor**(n-1) ms, capped at backoff_max, +-25%
+    # jitter: by default 1 s, 10 s, 60 s, a schedule that outlasts a short outage.
+    backoff_base: int = 1000  # milliseconds
     backoff_max: int = 60000  # milliseconds; also caps a Retry-After
+    backoff_factor: float = 10.0
+    # Endpoint health: this many failed attempts in a row (receiver down: no
+    # answer, 5xx, timeout), of at least two events, pause the trigger; 0: never.
+    pause_after: int = 5
+    probe_max: int = 10000  # milliseconds: the longest wait between two probes
     sink: str = "webhook"
     # Options owned by the sink and by matcher plugins, already validated.
     sink_options: Any = None

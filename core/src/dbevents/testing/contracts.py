@@ -29,6 +29,7 @@ from dbevents.protocols import (
     Store,
     options_class,
     status_probe,
+    trigger_pauses,
 )
 from dbevents.testing.plugins import isolated_plugins
 from dbevents.values import (
@@ -343,6 +344,21 @@ class StoreContract:
         fresh = await open_store(role="worker")
         later = _now() + timedelta(seconds=self.LEASE + 5)
         assert [e.id for e in await self._claim_all(fresh, now=later)] == [ev.id]
+
+    async def test_a_paused_trigger_is_recorded_for_other_processes(
+            self, store: Store, open_store: Callable[..., Awaitable[Store]]) -> None:
+        pauses = trigger_pauses(store)
+        if pauses is None:
+            pytest.skip("the store keeps no record of paused triggers (optional)")
+        since = _now().replace(microsecond=0)
+        await pauses.set_trigger_paused("t", since)
+        await pauses.set_trigger_paused("u", since)
+        await pauses.set_trigger_paused("u", None)
+        other = trigger_pauses(await open_store(role="admin"))
+        assert other is not None
+        assert await other.paused_triggers() == {"t": since}
+        await pauses.set_trigger_paused("t", None)
+        assert await other.paused_triggers() == {}
 
 
 class SourceContract:

@@ -144,6 +144,7 @@ class _State:
     events: dict[str, Event] = attrs.field(factory=dict)
     attempts: dict[str, list[Attempt]] = attrs.field(factory=dict)
     checkpoints: dict[str, Position] = attrs.field(factory=dict)
+    paused: dict[str, datetime] = attrs.field(factory=dict)
     leases: dict[str, datetime] = attrs.field(factory=dict)
     instance: str = attrs.field(factory=lambda: str(uuid.uuid4()))
     seq: itertools.count = attrs.field(factory=lambda: itertools.count(1))  # type: ignore[type-arg]
@@ -435,6 +436,15 @@ class MemoryStore:
 
     async def checkpoints(self) -> dict[str, Position]:
         return dict(self.s.checkpoints)
+
+    async def set_trigger_paused(self, trigger: str, since: datetime | None) -> None:
+        if since is None:
+            self.s.paused.pop(trigger, None)
+        else:
+            self.s.paused[trigger] = since
+
+    async def paused_triggers(self) -> dict[str, datetime]:
+        return dict(self.s.paused)
 
 
 # -- a recording sink ----------------------------------------------------------

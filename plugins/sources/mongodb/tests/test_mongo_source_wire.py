@@ -211,7 +211,7 @@ async def test_source_reconnects_with_start_after_when_the_driver_gives_up(
     assert source.reconnects == 1
     assert fake.stages[-1] == {"fullDocument": "updateLookup", "startAfter": token(2)}
     assert before[-1]["_id"] == token(2)
-    status = await source.status()
+    status = await source.reader_stats()
     assert status["reconnects"] == 1 and status["last_event_time"]
     await it.aclose()  # type: ignore[attr-defined]
 

@@ -175,7 +175,7 @@ async def test_alter_table_mid_stream(mysql_env: Any, reading: Any) -> None:
     assert changes[2].doc == {"tag": "x", "id": 2, "price": "2.25"}
     assert list(changes[2].doc) == ["tag", "id", "price"]
     assert changes[2].extra == {"old": {"tag": None, "id": 2, "price": "2.25"}}
-    assert (await source.status())["table_definitions"] == 3
+    assert (await source.reader_stats())["table_definitions"] == 3
 
 
 async def test_several_databases_and_table_filter(mysql_env: Any, reading: Any) -> None:
@@ -284,7 +284,7 @@ async def test_server_restart(private_env: Any, reading: Any) -> None:
     changes = await r.wait_for(6)
     assert sorted(int(c.doc_id) for c in changes) == [1, 2, 3, 4, 5, 6]
     assert len({c.key for c in changes}) == 6
-    status = await source.status()
+    status = await source.reader_stats()
     assert status["reconnects"] >= 1
     # The server started a new binlog file: the later changes come from it.
     assert changes[0].key.split(":")[0] != changes[-1].key.split(":")[0]

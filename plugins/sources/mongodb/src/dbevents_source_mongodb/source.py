@@ -388,7 +388,9 @@ class MongoSource:
         if client is not None:
             await client.close()
 
-    async def status(self) -> Mapping[str, Any]:
+    async def reader_stats(self) -> Mapping[str, Any]:
+        """Counters of this running reader, for tests and debugging (the core reads
+        `probe_status`, not this)."""
         return {
             "reconnects": self.reconnects,
             "last_event_time": iso_utc(self.last_event_time) if self.last_event_time else None,

@@ -195,7 +195,9 @@ class MysqlSource:
         for reader in readers:
             await asyncio.to_thread(reader.join, STOP_WAIT)
 
-    async def status(self) -> Mapping[str, Any]:
+    async def reader_stats(self) -> Mapping[str, Any]:
+        """Counters of this running reader, for tests and debugging (the core reads
+        `probe_status`, not this)."""
         out: dict[str, Any] = {
             "server_id": self.server_id,
             "confirmed": str(self.confirmed) if self.confirmed else None,

@@ -157,3 +157,27 @@ async def checkpoints(conn: Conn, q: Statements) -> dict[str, Position]:
         "SELECT source, position FROM {schema}.checkpoints ORDER BY source", q.loc.schema)
     )).fetchall()
     return {s: Position(p) for s, p in rows}
+
+
+# A paused trigger (its receiver down) is a meta row, so `dbevents status` in
+# another process can show it: key "paused:<trigger>", value an ISO time.
+_PAUSED = "paused:"
+
+
+async def set_trigger_paused(conn: Conn, q: Statements, trigger: str,
+                             since: datetime | None) -> None:
+    if since is None:
+        await conn.execute(render("DELETE FROM {schema}.meta WHERE key = %s", q.loc.schema),
+                           (_PAUSED + trigger,))
+    else:
+        await conn.execute(render(
+            "INSERT INTO {schema}.meta (key, value) VALUES (%s, %s) "
+            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", q.loc.schema),
+            (_PAUSED + trigger, since.isoformat()))
+
+
+async def paused_triggers(conn: Conn, q: Statements) -> dict[str, datetime]:
+    rows = await (await conn.execute(render(
+        "SELECT key, value FROM {schema}.meta WHERE starts_with(key, %s)", q.loc.schema),
+        (_PAUSED,))).fetchall()
+    return {key[len(_PAUSED):]: datetime.fromisoformat(value) for key, value in rows}

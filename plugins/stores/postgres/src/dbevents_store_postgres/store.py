@@ -317,6 +317,12 @@ class PostgresStore:
     async def checkpoints(self) -> dict[str, Position]:
         return await self._run(eventlog.checkpoints)
 
+    async def set_trigger_paused(self, trigger: str, since: datetime | None) -> None:
+        await self._run(eventlog.set_trigger_paused, trigger, since)
+
+    async def paused_triggers(self) -> dict[str, datetime]:
+        return await self._run(eventlog.paused_triggers)
+
 
 async def _configure(conn: Conn) -> None:
     """Settings of every pooled connection.

@@ -151,3 +151,23 @@ def checkpoint(conn: sqlite3.Connection, source: str) -> Position | None:
 def checkpoints(conn: sqlite3.Connection) -> dict[str, Position]:
     return {s: Position(p) for s, p in conn.execute("SELECT source, position FROM checkpoints")}
 
+
+
+# A paused trigger (its receiver down) is a meta row, so `dbevents status` in
+# another process can show it: key "paused:<trigger>", value microseconds.
+_PAUSED = "paused:"
+
+
+def set_trigger_paused(conn: sqlite3.Connection, trigger: str, since_us: int | None) -> None:
+    def body(c: sqlite3.Connection) -> None:
+        if since_us is None:
+            c.execute("DELETE FROM meta WHERE key = ?", (_PAUSED + trigger,))
+        else:
+            c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                      (_PAUSED + trigger, str(since_us)))
+    write(conn, body)
+
+
+def paused_triggers(conn: sqlite3.Connection) -> dict[str, int]:
+    return {key[len(_PAUSED):]: int(value) for key, value in conn.execute(
+        "SELECT key, value FROM meta WHERE key >= ? AND key < ?", (_PAUSED, "paused;"))}

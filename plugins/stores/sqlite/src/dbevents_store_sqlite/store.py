@@ -297,6 +297,14 @@ class SqliteStore:
     async def checkpoints(self) -> dict[str, Position]:
         return await self._call(eventlog.checkpoints)
 
+    async def set_trigger_paused(self, trigger: str, since: datetime | None) -> None:
+        await self._call(eventlog.set_trigger_paused, trigger,
+                         None if since is None else to_us(since))
+
+    async def paused_triggers(self) -> dict[str, datetime]:
+        found = await self._call(eventlog.paused_triggers)
+        return {t: moment for t, us in found.items() if (moment := from_us(us)) is not None}
+
 
 def _data_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA data_version").fetchone()[0])
