@@ -31,3 +31,12 @@ def test_jittered_attempt_ceiling() -> None:
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError, match="first <= cap"):
         Backoff(2.0, 1.0)
+
+
+def test_scheduled_grows_by_the_factor_with_spread_under_the_cap() -> None:
+    from dbevents.backoff import scheduled
+    rng = random.Random(3)
+    for attempt, about in [(1, 1.0), (2, 10.0), (3, 60.0), (9, 60.0)]:
+        waits = [scheduled(attempt, 1.0, 60.0, 10.0, rng) for _ in range(100)]
+        assert all(0.75 * about <= w <= min(60.0, 1.25 * about) for w in waits)
+        assert len(set(waits)) == 100

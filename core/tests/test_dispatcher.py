@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,7 +15,8 @@ from dbevents.dispatcher import STOP_GRACE, Dispatcher, backoff_delay, verdicts
 from dbevents.protocols import StoreSettings
 from dbevents.testing import DELIVERIES, MemorySink, MemoryStore, make_event, reset
 from dbevents.testing.memory import MemorySinkOptions
-from dbevents.values import Outcome, Status, Trigger
+from dbevents.values import Event, Outcome, Status, Trigger
+from structlog.testing import capture_logs
 
 
 @pytest.fixture(autouse=True)
@@ -22,13 +24,19 @@ def _clean() -> None:
     reset()
 
 
-def test_backoff_is_full_jitter_and_capped() -> None:
-    t = Trigger(name="t", url="http://x", backoff_base=1000, backoff_max=5000)
+def test_the_default_schedule_spans_an_outage_with_jitter_and_a_cap() -> None:
+    t = Trigger(name="t", url="http://x")  # defaults: 1 s x 10^(n-1), at most 60 s
     rng = random.Random(1)
-    for attempt, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (10, 5.0)]:
+    for attempt, about in [(1, 1.0), (2, 10.0), (3, 60.0), (4, 60.0)]:
         delays = [backoff_delay(t, attempt, None, rng) for _ in range(200)]
-        assert all(0 <= d <= ceiling for d in delays)
-        assert max(delays) > ceiling * 0.8  # the whole range is used
+        assert all(0.75 * about <= d <= min(60.0, 1.25 * about) for d in delays), attempt
+        assert len(set(delays)) > 100  # jittered, not one instant for all
+    doubling = Trigger(name="t", url="http://x", backoff_base=1000, backoff_max=5000,
+                       backoff_factor=2)
+    for attempt, about in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (10, 5.0)]:
+        delays = [backoff_delay(doubling, attempt, None, rng) for _ in range(200)]
+        assert all(0.75 * about <= d <= min(5.0, 1.25 * about) for d in delays), attempt
+    t = doubling
     assert backoff_delay(t, 1, 3.0) == 3.0  # Retry-After wins...
     assert backoff_delay(t, 1, 3600.0) == 5.0  # ...capped at backoff_max
 
@@ -54,8 +62,9 @@ async def run_until(triggers: list[Trigger], n_events: int, settle: float = 0.0,
 
 
 async def test_always_failing_makes_exactly_one_plus_retries_attempts() -> None:
+    # pause_after = 0: a receiver failing everything is not taken for one that is down.
     ts = [Trigger(name=f"r{r}", url="http://x", sink="memory", retries=r, backoff_base=1,
-                  backoff_max=2, sink_options=MemorySinkOptions(always_fail=True))
+                  backoff_max=2, pause_after=0, sink_options=MemorySinkOptions(always_fail=True))
           for r in (0, 1, 3)]
     store = await run_until(ts, 2, settle=0.05)
     for ev in store.s.events.values():
@@ -386,3 +395,76 @@ async def test_an_event_no_longer_held_is_left_to_the_store_with_its_row() -> No
     assert [eid for _, eid, _ in DELIVERIES] == [e.id for e in evs]
     assert all(e.status is Status.DELIVERED for e in store.s.events.values())
     assert store.claims > at_start  # the rest of the row came back through claims
+
+
+class SwitchSink(MemorySink):
+    """A receiver that is down (every attempt a 503) until ``up`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = False
+        self.sent: list[str] = []
+
+    async def deliver(self, trigger: Trigger, events: Sequence[Event]) -> list[Outcome]:
+        self.sent.extend(ev.id for ev in events)
+        now = datetime.now(UTC)
+        if self.up:
+            return [Outcome(ok=True, started_at=now, duration_ms=0.1, status_code=200)
+                    for _ in events]
+        return [Outcome(ok=False, started_at=now, duration_ms=0.1, status_code=503,
+                        error="HTTP 503") for _ in events]
+
+
+async def test_a_down_receiver_pauses_the_trigger_and_nothing_fails() -> None:
+    t = Trigger(name="t", url="http://x", sink="memory", retries=1, backoff_base=20,
+                backoff_max=40, pause_after=3, probe_max=40)
+    store = MemoryStore(StoreSettings(url="memory://paused"))
+    await store.open()
+    evs = [make_event(trigger="t", doc_id=str(i % 4), n=i) for i in range(12)]
+    await store.enqueue(evs, {})
+    sink = SwitchSink()
+    d = Dispatcher(store, [t], {"memory": sink})
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    with capture_logs() as logs:
+        for _ in range(500):
+            if "t" in await store.paused_triggers():
+                break
+            await asyncio.sleep(0.01)
+        assert "t" in await store.paused_triggers(), "never paused"
+        sent_at_pause = len(sink.sent)
+        await asyncio.sleep(1.0)  # ~25 probe intervals: one attempt each, at most
+        while_paused = len(sink.sent) - sent_at_pause
+        assert not [e for e in store.s.events.values() if e.status is Status.FAILED]
+        sink.up = True
+        for _ in range(1000):
+            if all(e.status is Status.DELIVERED for e in store.s.events.values()):
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert all(e.status is Status.DELIVERED for e in store.s.events.values())
+    assert while_paused <= 30  # probes, not every event's every retry
+    assert await store.paused_triggers() == {}
+    said = [e["event"] for e in logs]
+    assert said.count("trigger paused") == 1 and said.count("trigger resumed") == 1
+    # Per row, every event delivered in the order it was stored.
+    delivered = [ev_id for ev_id in sink.sent
+                 if store.s.attempts[ev_id][-1].ok]
+    by_row: dict[str | None, list[int]] = {}
+    for ev in sorted(store.s.events.values(), key=lambda e: e.seq):
+        by_row.setdefault(ev.doc_id, []).append(ev.seq)
+    seq = {e.id: e.seq for e in store.s.events.values()}
+    for row, seqs in by_row.items():
+        order = [seq[i] for i in dict.fromkeys(delivered)
+                 if store.s.events[i].doc_id == row]
+        assert order == seqs, row
+
+
+async def test_one_event_failing_alone_does_not_pause() -> None:
+    t = Trigger(name="t", url="http://x", sink="memory", retries=3, backoff_base=1,
+                backoff_max=2, pause_after=2, sink_options=MemorySinkOptions(always_fail=True))
+    store = await run_until([t], 1, settle=0.05)
+    [ev] = store.s.events.values()
+    assert ev.status is Status.FAILED and ev.attempts == 4
+    assert await store.paused_triggers() == {}

@@ -56,3 +56,14 @@ def jittered(attempt: int, base: float, cap: float, rng: random.Random | None = 
     uniform in [0, min(cap, base x 2^(attempt-1))] seconds."""
     ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
     return (rng or _rng).uniform(0, ceiling)
+
+
+def scheduled(attempt: int, base: float, cap: float, factor: float,
+              rng: random.Random | None = None, spread: float = 0.25) -> float:
+    """The wait after failed attempt number ``attempt`` (1-based) on a growing
+    schedule: about min(cap, base x factor^(attempt-1)), give or take ``spread``
+    (so events failed together do not all come back at one instant), never
+    above ``cap``. With base 1, factor 10, cap 60: about 1, 10, 60, 60 ..."""
+    delay = min(cap, base * factor ** max(0, attempt - 1))
+    high = min(cap, delay * (1 + spread))  # at the cap, spread below it only
+    return (rng or _rng).uniform(min(delay * (1 - spread), high), high)

@@ -39,9 +39,9 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from dbevents.backoff import jittered
+from dbevents.backoff import scheduled
 from dbevents.observers import NONE, Observers
-from dbevents.protocols import Sink, Store
+from dbevents.protocols import Sink, Store, trigger_pauses
 from dbevents.values import Attempt, Event, Finish, Outcome, Status, Trigger
 
 log = structlog.get_logger("dbevents.dispatcher")
@@ -57,20 +57,31 @@ def backoff_delay(trigger: Trigger, attempt: int, retry_after: float | None,
                   rng: random.Random | None = None) -> float:
     """Seconds to wait after failed attempt number ``attempt`` (1-based).
 
-    Exponential with full jitter; a receiver's Retry-After wins, capped at
-    backoff_max so one receiver cannot park an event for a day.
+    About backoff_base x backoff_factor^(n-1), +-25%, capped at backoff_max (by
+    default 1 s, 10 s, 60 s: a schedule that outlasts a short outage); a
+    receiver's Retry-After wins, capped at backoff_max so one receiver cannot
+    park an event for a day.
     """
     cap = trigger.backoff_max / 1000.0
     if retry_after is not None:
         return max(0.0, min(retry_after, cap))
-    return jittered(attempt, trigger.backoff_base / 1000.0, cap, rng)
+    return scheduled(attempt, trigger.backoff_base / 1000.0, cap, trigger.backoff_factor, rng)
+
+
+def looks_down(o: Outcome) -> bool:
+    """A failure that says the receiver itself is down (no answer, a reset, a
+    timeout, a 5xx), not that it refused this one event."""
+    return not o.ok and not o.give_up and (o.status_code is None or o.status_code >= 500)
 
 
 def verdicts(trigger: Trigger, events: Sequence[Event], outcomes: Sequence[Outcome],
-             now: datetime) -> list[Finish]:
+             now: datetime, paused: bool = False) -> list[Finish]:
     """The verdict on each event after its attempt: delivered, failed for good, or
     pending until a backoff. Events of one POST share its outcome, so the decision
-    is made once per outcome and attempt number (and a batch retries together)."""
+    is made once per outcome and attempt number (and a batch retries together).
+
+    ``paused``: the trigger's receiver is down. A failure that says so ends no
+    event failed: it waits, due at once, for the trigger to resume."""
     decided: dict[tuple[str | int, int], tuple[Status, datetime | None]] = {}
     finishes = []
     # An event's place in its request: the events of one request share the
@@ -90,6 +101,8 @@ def verdicts(trigger: Trigger, events: Sequence[Event], outcomes: Sequence[Outco
         if verdict_ is None:
             if o.ok:
                 verdict_ = (Status.DELIVERED, None)
+            elif paused and looks_down(o):
+                verdict_ = (Status.PENDING, now)
             elif o.give_up or number >= trigger.max_attempts:
                 verdict_ = (Status.FAILED, None)
             else:
@@ -102,6 +115,18 @@ def verdicts(trigger: Trigger, events: Sequence[Event], outcomes: Sequence[Outco
                           o.request_id, position)
         finishes.append(Finish(event.id, attempt, *verdict_))
     return finishes
+
+
+class _Health:
+    """What the last attempts of one trigger say about its receiver."""
+
+    __slots__ = ("last_error", "seen", "since", "streak")
+
+    def __init__(self) -> None:
+        self.streak = 0  # failed attempts in a row that look like a down receiver
+        self.seen: set[str] = set()  # events among them (two are enough)
+        self.last_error: str | None = None
+        self.since = 0.0  # monotonic time the trigger paused
 
 
 class Dispatcher:
@@ -163,6 +188,12 @@ class Dispatcher:
         self._capacity = {name: 2 * self._concurrency[name] * size
                           for name, size in self._batch.items()}
         self._refill = {name: cap // 2 for name, cap in self._capacity.items()}
+        # Endpoint health: a trigger whose receiver is down pauses (its events
+        # wait, unattempted) and one probe at a time tests the receiver.
+        self._health = {t.name: _Health() for t in triggers}
+        self._paused: dict[str, datetime] = {}
+        self._probers: dict[str, asyncio.Task[None]] = {}
+        self._pause_writes: dict[str, asyncio.Task[None]] = {}
         self.delivered = 0
         self.failed = 0
 
@@ -294,6 +325,8 @@ class Dispatcher:
             self._start_workers(name)
 
     def _start_workers(self, name: str) -> None:
+        if name in self._paused:
+            return  # only the probe sends
         trigger = self.triggers[name]
         sink = self.sinks[trigger.sink]
         queue = self._queued[name]
@@ -306,12 +339,20 @@ class Dispatcher:
 
     # -- the claim loop: what is not in memory --------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        await self._forget_old_pauses()
         finisher = asyncio.create_task(self._finisher(), name="dbevents-finisher")
         try:
             await self._claim_loop(stop)
         finally:
             self._stopping = True
+            for prober in self._probers.values():
+                prober.cancel()
+            await asyncio.gather(*self._probers.values(), return_exceptions=True)
             await self._drain()
+            # Nobody delivers these triggers now: they are no longer paused.
+            for name in list(self._paused):
+                self._record_pause(name, None)
+            await asyncio.gather(*self._pause_writes.values(), return_exceptions=True)
             # Results the store cannot take are given up after a while: stopping
             # must not hang on a dead store (those events are delivered again).
             self._give_up_at = time.monotonic() + STOP_GRACE
@@ -331,7 +372,8 @@ class Dispatcher:
                     self._may_have, self._due_at = True, None
                 limits = {name: cap - self._inflight[name]
                           for name, cap in self._capacity.items()
-                          if cap - self._inflight[name] >= self._refill[name]}
+                          if cap - self._inflight[name] >= self._refill[name]
+                          and name not in self._paused}
                 if self._holding:
                     # Results are waiting for the store: claiming now could hand
                     # out again (expired leases) events whose outcome we hold.
@@ -444,7 +486,7 @@ class Dispatcher:
         task = asyncio.current_task()
         assert task is not None
         try:
-            while not self._stopping:
+            while not self._stopping and name not in self._paused:
                 queue = self._queued[name]
                 if not queue:
                     break
@@ -466,7 +508,8 @@ class Dispatcher:
             outcomes = [Outcome(ok=False, started_at=now, duration_ms=0.0,
                                 error=f"sink error: {type(exc).__name__}: {exc}")] * len(events)
         now = _now()
-        finishes = verdicts(trigger, events, outcomes, now)
+        paused = self._health_after(trigger, events, outcomes)
+        finishes = verdicts(trigger, events, outcomes, now, paused)
         self.observers.delivered(trigger, events, outcomes, finishes)
         name = trigger.name
         self._done.extend(finishes)
@@ -508,6 +551,125 @@ class Dispatcher:
             duration_ms=round(out.duration_ms, 1),
             **({"retry_at": first.next_attempt_at.isoformat()} if first.next_attempt_at else {}),
         )
+
+    # -- endpoint health: pause a trigger whose receiver is down ----------------
+    def _health_after(self, trigger: Trigger, events: Sequence[Event],
+                      outcomes: Sequence[Outcome]) -> bool:
+        """Take in one delivery's outcomes (a request counts once); pause or
+        resume the trigger. Returns whether it was paused when the attempt
+        ended: a failure then ends no event failed (see verdicts)."""
+        name = trigger.name
+        was = name in self._paused
+        if trigger.pause_after == 0:
+            return False
+        h = self._health[name]
+        requests: set[str] = set()
+        for ev, o in zip(events, outcomes, strict=True):
+            request = o.request_id or ev.id
+            if request in requests:
+                continue
+            requests.add(request)
+            if looks_down(o):
+                h.streak += 1
+                if len(h.seen) < 2:
+                    h.seen.add(ev.id)
+                h.last_error = o.error or f"HTTP {o.status_code}"
+                continue
+            h.streak = 0
+            h.seen.clear()
+            if o.ok and name in self._paused:
+                self._resume(trigger)
+        # Two events at least: one event the receiver refuses again and again is
+        # that event's problem, and it fails after 1 + retries attempts.
+        if name not in self._paused and h.streak >= trigger.pause_after and len(h.seen) >= 2:
+            self._pause(trigger)
+        return was
+
+    def _pause(self, trigger: Trigger) -> None:
+        name = trigger.name
+        h = self._health[name]
+        h.since = time.monotonic()
+        self._paused[name] = _now()
+        log.warning("trigger paused", trigger=name, failures=h.streak, error=h.last_error,
+                    probe_max_ms=trigger.probe_max)
+        self._record_pause(name, self._paused[name])
+        self._probers[name] = asyncio.create_task(
+            self._probe(trigger, self.sinks[trigger.sink]), name=f"dbevents-probe-{name}")
+
+    def _resume(self, trigger: Trigger) -> None:
+        name = trigger.name
+        self._paused.pop(name, None)
+        h = self._health[name]
+        prober = self._probers.pop(name, None)
+        if prober is not None and prober is not asyncio.current_task():
+            prober.cancel()  # a probe in flight is shielded: it finishes
+        log.info("trigger resumed", trigger=name,
+                 paused_s=round(time.monotonic() - h.since, 1))
+        self._record_pause(name, None)
+        self._start_workers(name)
+        self.notify()  # its retries and the events stored meanwhile
+
+    async def _probe(self, trigger: Trigger, sink: Sink) -> None:
+        """While paused: one event at a time, on a doubling wait up to probe_max,
+        the oldest waiting in memory, else one claimed from the store."""
+        name = trigger.name
+        delay = max(0.05, trigger.backoff_base / 1000.0)
+        cap = max(delay, trigger.probe_max / 1000.0)
+        while name in self._paused and not self._stopping:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, cap)
+            queue = self._queued[name]
+            if not queue:
+                try:
+                    claimed = await self.store.claim({name: 1}, self.lease_seconds, _now())
+                except Exception as exc:  # the store may come back; probe again later
+                    log.warning("claim for a probe failed", trigger=name, error=str(exc))
+                    continue
+                if claimed:
+                    self._stored_rows.update((ev.trigger, ev.doc_id) for ev in claimed)
+                    self._take(claimed, claimed=True)
+            if not queue or name not in self._paused:
+                continue
+            task = asyncio.create_task(self._send(trigger, sink, [queue.popleft()]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            await asyncio.shield(task)  # a resume cancels this loop, not the attempt
+
+    async def _send(self, trigger: Trigger, sink: Sink, chunk: list[Event]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task_events[task] = chunk
+        try:
+            await self._deliver(trigger, sink, chunk)
+        finally:
+            self._task_events.pop(task, None)
+
+    def _record_pause(self, name: str, since: datetime | None) -> None:
+        """In the store, for `dbevents status`; off the hot path, in order."""
+        pauses = trigger_pauses(self.store)
+        if pauses is None:
+            return
+        before = self._pause_writes.get(name)
+
+        async def write() -> None:
+            if before is not None:
+                await asyncio.gather(before, return_exceptions=True)
+            try:
+                await pauses.set_trigger_paused(name, since)
+            except Exception as exc:  # only `status` misses it
+                log.warning("recording a trigger's pause failed", trigger=name, error=str(exc))
+
+        self._pause_writes[name] = asyncio.create_task(write())
+
+    async def _forget_old_pauses(self) -> None:
+        """A process that died paused left its record: this one starts unpaused."""
+        pauses = trigger_pauses(self.store)
+        if pauses is None:
+            return
+        with contextlib.suppress(Exception):
+            for name in await pauses.paused_triggers():
+                if name in self.triggers:
+                    await pauses.set_trigger_paused(name, None)
 
     # -- finishing: one store transaction for many attempts -------------------
     async def _finisher(self) -> None:

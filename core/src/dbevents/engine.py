@@ -104,8 +104,10 @@ class Engine:
             self.store.subscribe(self.dispatcher.notify)
             self.source_id = self.config.eventing.source_id or await self.store.instance_id()
             # Services (e.g. [admin]) start once the store is open; closed with the rest.
+            # A service's wake (after a redeliver) means the store has work that
+            # is not in memory: notify, so the dispatcher claims it.
             for service in make_services(self.config, self.plugins, self.store,
-                                         self.dispatcher.wake, self.observers):
+                                         self.dispatcher.notify, self.observers):
                 await service.start()
                 opened.append(service)
             for name, source in self.sources.items():
