@@ -168,20 +168,25 @@ def test_down_for_60_seconds(app: tuple[PostgresServer, str], tmp_path: Path,
         assert run.stop() == 0
 
 
-def test_down_for_100_times_the_retry_schedule(app: tuple[PostgresServer, str], tmp_path: Path,
-                                               receiver: ThreadedReceiver) -> None:
-    """The retry schedule shortened to ~0.1 s in all and the receiver down 10 s, a
-    hundred times the schedule (as a 2-hour outage is to the default schedule):
-    without the pause every event would end failed."""
+def test_down_much_longer_than_the_whole_retry_schedule(
+        app: tuple[PostgresServer, str], tmp_path: Path, receiver: ThreadedReceiver) -> None:
+    """The retry schedule shortened to 0.1, 0.2, 0.4 s (0.7 s in all) and the
+    receiver down 10 s, fourteen times that (as a 17-minute outage is to the
+    default 1 s, 10 s, 60 s): without the pause every event of the outage would
+    end failed; with it, only probes go out until the receiver is back."""
     pg, db = app
     config = configure(tmp_path, pg, db, receiver,
-                       "backoff_base = 10\nbackoff_max = 50\nprobe_max = 500")
+                       "backoff_base = 100\nbackoff_factor = 2\nbackoff_max = 400\n"
+                       "probe_max = 500")
     run = outage(receiver, pg, db, config, down=10)
     try:
         check_everything_delivered_once_in_order(config, receiver)
         failures = [r for r in receiver.requests("/hook") if r.reply.status >= 500]
-        # While paused only probes went out, not every event's every retry.
-        assert len(failures) < 100
+        # While paused only probes went out (10 s at most 0.5 s apart), not every
+        # event's every retry (about 100 events x 4 attempts).
+        assert len(failures) < 60
+        said = [line["event"] for line in run.lines()]
+        assert said.count("trigger paused") >= 1 and said.count("trigger resumed") >= 1
     finally:
         assert run.stop() == 0
 
