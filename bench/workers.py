@@ -1,6 +1,6 @@
 """Several delivery workers sharing one PostgreSQL eventing DB: events/s per worker count.
 
-    uv run python bench/workers.py [--events 6000] [--latency-ms 20] [--workers 1,2,3]
+    uv run python bench/workers.py [--events 8000] [--latency-ms 20] [--workers 1,2,3]
                                    [--concurrency 8,16] [--write-docs]
 
 Starts a private PostgreSQL (testsupport.servers.PostgresServer) holding the
@@ -311,7 +311,7 @@ def write_docs(section: str) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--events", type=int, default=6000, help="backlog per worker count")
+    parser.add_argument("--events", type=int, default=8000, help="backlog per worker count")
     parser.add_argument("--latency-ms", type=float, default=20.0,
                         help="how long the receiver holds each answer")
     parser.add_argument("--workers", default="1,2,3", help="worker counts to run")
