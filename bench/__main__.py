@@ -175,7 +175,14 @@ def _write(docs: Path, results: Results, scale: scenarios.Scale, ran: list[str],
     if png is None:
         print("matplotlib missing: no plot (run with `uv run --group bench ...`)")
     md = report.markdown(results, scale, ran, info, command, started, load, png)
-    (docs / "benchmarks.md").write_text(md)
+    path = docs / "benchmarks.md"
+    # bench/workers.py writes its own section between these markers: keep it.
+    begin, end = "<!-- bench/workers.py: begin -->", "<!-- bench/workers.py: end -->"
+    old = path.read_text() if path.exists() else ""
+    if begin in old and end in old:
+        kept = begin + old.split(begin, 1)[1].split(end, 1)[0] + end
+        md = md.rstrip("\n") + "\n\n" + kept + "\n"
+    path.write_text(md)
     print(f"wrote {docs / 'benchmarks.md'}" + (f" and {png}" if png else ""))
 
 

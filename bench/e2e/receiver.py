@@ -5,7 +5,8 @@ Two modes. Counting (throughput): one event per single POST, or the number of
 events in a batch array, found without parsing. Recording (latency, pgbench):
 each event is parsed, counted per (table, type), deduplicated by its id, and
 its receipt wall-clock time kept under a key the writer can rebuild. The reply
-status can be switched (503 while "the webhook is down").
+status can be switched (503 while "the webhook is down"), and every reply can be
+held for a fixed delay (a webhook that takes some milliseconds to answer).
 """
 
 from __future__ import annotations
@@ -47,13 +48,15 @@ class Snapshot:
 
 def _serve(conn: Connection) -> None:
     snap = Snapshot()
-    settings: dict[str, Any] = {"status": 200, "record": False}
+    settings: dict[str, Any] = {"status": 200, "record": False, "delay": 0.0}
     seen: set[str] = set()
     kinds: Counter[tuple[str, str]] = Counter()
     kind_last: dict[tuple[str, str], float] = {}
 
     async def handle(request: web.Request) -> web.Response:
         body = await request.read()
+        if settings["delay"]:
+            await asyncio.sleep(settings["delay"])
         wall, mono = time.time(), time.monotonic()
         status = settings["status"]
         if status != 200:
@@ -116,6 +119,8 @@ def _serve(conn: Connection) -> None:
                 out = Snapshot(**{**snap.__dict__,
                                   "times": dict(snap.times) if arg else {}})
                 conn.send(out)
+            elif cmd == "ids":
+                conn.send(set(seen))
         await runner.cleanup()
 
     asyncio.run(main())
@@ -146,9 +151,17 @@ class ReceiverProcess:
     def url(self, path: str = "/hook") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def reset(self, *, record: bool = False, status: int = 200) -> None:
-        self._conn.send(("reset", {"record": record, "status": status}))
+    def reset(self, *, record: bool = False, status: int = 200, delay: float = 0.0) -> None:
+        """Count afresh; ``delay``: seconds every reply is held back (the
+        receipt time is taken after it, when the answer goes out)."""
+        self._conn.send(("reset", {"record": record, "status": status, "delay": delay}))
         self._conn.recv()
+
+    def ids(self) -> set[str]:
+        """The ids of the events received so far (recording mode only)."""
+        self._conn.send(("ids", None))
+        got: set[str] = self._conn.recv()
+        return got
 
     def set_status(self, status: int) -> float:
         """Answer ``status`` from now on; returns the switch's time.monotonic()."""
