@@ -468,3 +468,42 @@ async def test_one_event_failing_alone_does_not_pause() -> None:
     [ev] = store.s.events.values()
     assert ev.status is Status.FAILED and ev.attempts == 4
     assert await store.paused_triggers() == {}
+
+
+class SwitchBatchSink(SwitchSink):
+    """The same, five events per request (one outcome per request's events)."""
+
+    def batch_size(self, trigger: Trigger) -> int:
+        return 5
+
+    async def deliver(self, trigger: Trigger, events: Sequence[Event]) -> list[Outcome]:
+        outcomes = await super().deliver(trigger, events)
+        request = str(len(self.sent))
+        return [attrs.evolve(o, request_id=request, batch_size=len(events)) for o in outcomes]
+
+
+async def test_batch_mode_pauses_too_and_nothing_fails() -> None:
+    t = Trigger(name="t", url="http://x", sink="memory", retries=1, backoff_base=20,
+                backoff_max=40, pause_after=3, probe_max=40)
+    store = MemoryStore(StoreSettings(url="memory://paused-batch"))
+    await store.open()
+    await store.enqueue([make_event(trigger="t", doc_id=str(i), n=i) for i in range(40)], {})
+    sink = SwitchBatchSink()
+    d = Dispatcher(store, [t], {"memory": sink})
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    for _ in range(500):
+        if "t" in await store.paused_triggers():
+            break
+        await asyncio.sleep(0.01)
+    assert "t" in await store.paused_triggers(), "never paused"
+    await asyncio.sleep(0.5)
+    assert not [e for e in store.s.events.values() if e.status is Status.FAILED]
+    sink.up = True
+    for _ in range(1000):
+        if all(e.status is Status.DELIVERED for e in store.s.events.values()):
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert all(e.status is Status.DELIVERED for e in store.s.events.values())

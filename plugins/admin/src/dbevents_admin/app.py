@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 from dbevents import Event, EventFilter, Status, request_body
 from dbevents.masking import mask_url
-from dbevents.protocols import ServiceContext
+from dbevents.protocols import ServiceContext, trigger_pauses
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dbevents_admin import pages
@@ -183,6 +183,8 @@ def event_filter(q: Any, limit_default: int = 50) -> EventFilter:
 
 async def triggers_data(ctx: ServiceContext) -> list[dict[str, Any]]:
     stats = {s.trigger: s for s in await ctx.store.stats()}
+    pauses = trigger_pauses(ctx.store)
+    paused = await pauses.paused_triggers() if pauses is not None else {}
     out = []
     for t in ctx.config.triggers:
         s = stats.get(t.name)
@@ -196,6 +198,8 @@ async def triggers_data(ctx: ServiceContext) -> list[dict[str, Any]]:
             "retries": t.retries, "timeout": t.timeout, "concurrency": t.concurrency,
             "counts": {st.value: getattr(s, st.value, 0) if s else 0 for st in Status},
             "last_delivery": iso(last[0].updated_at) if last else None,
+            # Its receiver is down: events wait, one probe at a time (docs/delivery.md).
+            "paused_since": iso(paused[t.name]) if t.name in paused else None,
         })
     return out
 

@@ -70,6 +70,8 @@ async def index(request: web.Request) -> web.Response:
     rows = []
     for t in await api.triggers_data(ctx):
         c = t["counts"]
+        state = (f'paused since {t["paused_since"]} (receiver down)' if t["paused_since"]
+                 else "delivering")
         counts = "".join(
             f'<td class="num"><a href="{e(events_link(trigger=t["name"], status=s))}">'
             f'{e(c[s])}</a></td>' for s in ("pending", "delivering", "delivered", "failed"))
@@ -79,13 +81,14 @@ async def index(request: web.Request) -> web.Response:
             f'</td><td>{e(", ".join(t["operations"]))}</td>'
             f'<td>{e(t["sink"])} {e(t["url"])}</td>'
             f'<td>{e(t["retries"])} retries, {e(t["timeout"])} ms</td>{counts}'
-            f'<td>{e(t["last_delivery"] or "never")}</td></tr>')
+            f'<td>{e(t["last_delivery"] or "never")}</td>'
+            f'<td>{e(state)}</td></tr>')
     sources = [f'<tr><td>{e(s["name"])}</td><td>{e(s["type"])}</td>'
                f'<td><code>{e(s["checkpoint"] or "none yet")}</code></td></tr>'
                for s in await api.sources_data(ctx)]
     return layout("Triggers", table(
         ["Trigger", "Databases / tables", "Operations", "Sink", "Settings", "Pending",
-         "Delivering", "Delivered", "Failed", "Last delivery"], rows, "triggers")
+         "Delivering", "Delivered", "Failed", "Last delivery", "State"], rows, "triggers")
         + "<h2>Sources</h2>" + table(["Database", "Type", "Checkpoint"], sources))
 
 
