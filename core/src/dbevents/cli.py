@@ -439,8 +439,10 @@ def events_redeliver(state: State, ids: tuple[str, ...], status: str | None,
 @events.command("purge")
 @click.option("--older-than", "older", required=True, help="e.g. 7d, 12h")
 @click.option("--status", type=click.Choice(["delivered", "failed"]), multiple=True)
+@click.option("--trigger", help="Only this trigger's events.")
 @click.pass_obj
-def events_purge(state: State, older: str, status: tuple[str, ...]) -> None:
+def events_purge(state: State, older: str, status: tuple[str, ...],
+                 trigger: str | None) -> None:
     """Delete finished events (and their attempts) older than a duration."""
     try:
         seconds = parse_duration(older)
@@ -448,7 +450,7 @@ def events_purge(state: State, older: str, status: tuple[str, ...]) -> None:
         raise click.BadParameter(str(exc), param_hint="--older-than") from None
     statuses = [Status(s) for s in status] or [Status.DELIVERED, Status.FAILED]
     before = datetime.now(UTC) - timedelta(seconds=seconds)
-    n = run_async(with_store(state, lambda s: s.purge(before, statuses)))
+    n = run_async(with_store(state, lambda s: s.purge(before, statuses, trigger)))
     click.echo(f"{n} event(s) purged")
 
 

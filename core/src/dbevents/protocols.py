@@ -259,10 +259,11 @@ class Store(Protocol):
     async def redeliver(
         self, ids: Sequence[str] | None, status: Status | None, trigger: str | None
     ) -> int: ...
-    async def purge(self, before: datetime, statuses: Sequence[Status]) -> int:
+    async def purge(self, before: datetime, statuses: Sequence[Status],
+                    trigger: str | None = None) -> int:
         """Delete events last updated before ``before`` whose status is in
-        ``statuses`` (only delivered and failed are ever purged), with their
-        attempts. Returns how many events went."""
+        ``statuses`` (only delivered and failed are ever purged), of ``trigger``
+        only when given, with their attempts. Returns how many events went."""
         ...
     async def stats(self) -> list[TriggerStats]: ...
     async def checkpoints(self) -> dict[str, Position]: ...

@@ -93,6 +93,9 @@ def test_log_filters_paging_detail_redeliver_and_purge(admin: Admin) -> None:
     # Purge by time and status.
     assert admin.call("POST", "/api/events/purge", {"before": future, "status": ["failed"]}) \
         == (200, {"purged": 0})
+    assert admin.call("POST", "/api/events/purge", {"before": future, "trigger": "other"}) \
+        == (200, {"purged": 0})
+    assert admin.call("POST", "/api/events/purge", {"before": future, "trigger": 7})[0] == 400
     assert admin.call("POST", "/api/events/purge", {"before": future}) == (200, {"purged": 3})
     assert admin.events() == []
 

@@ -295,6 +295,16 @@ class StoreContract:
         assert await store.purge(future, [Status.FAILED]) == 1
         assert await store.get_event(evs[2].id) is not None  # delivering never purged
 
+    async def test_purge_one_trigger(self, store: Store) -> None:
+        evs = [make_event(trigger=t, doc_id="1") for t in ("a", "b")]
+        await store.enqueue(evs, {})
+        await self._claim_all(store, ("a", "b"))
+        await store.finish([Finish(e.id, _attempt(e, 1, True), Status.DELIVERED) for e in evs])
+        future = _now() + timedelta(seconds=5)
+        assert await store.purge(future, [Status.DELIVERED], trigger="a") == 1
+        assert await store.get_event(evs[0].id) is None
+        assert await store.get_event(evs[1].id) is not None
+
     async def test_stats_and_filters(self, store: Store) -> None:
         evs = [make_event(trigger="x", doc_id=str(i)) for i in range(3)]
         evs.append(make_event(trigger="y", database="other"))

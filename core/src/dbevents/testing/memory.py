@@ -417,11 +417,13 @@ class MemoryStore:
             n += 1
         return n
 
-    async def purge(self, before: datetime, statuses: Sequence[Status]) -> int:
+    async def purge(self, before: datetime, statuses: Sequence[Status],
+                    trigger: str | None = None) -> int:
         final = {Status.DELIVERED, Status.FAILED}
         gone = [e.id for e in self.s.events.values()
                 if e.status in statuses and e.status in final
-                and (e.updated_at or before) < before]
+                and (e.updated_at or before) < before
+                and (trigger is None or e.trigger == trigger)]
         for eid in gone:
             del self.s.events[eid]
             self.s.attempts.pop(eid, None)

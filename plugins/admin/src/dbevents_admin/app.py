@@ -354,7 +354,8 @@ async def api_redeliver(request: web.Request) -> web.Response:
 
 
 async def api_purge(request: web.Request) -> web.Response:
-    """Finished events last updated before a time, by status (default both)."""
+    """Finished events last updated before a time, by status (default both) and,
+    when given, of one trigger."""
     body = await _json_body(request)
     before = body.get("before")
     if not isinstance(before, str):
@@ -363,9 +364,12 @@ async def api_purge(request: web.Request) -> web.Response:
     statuses = [_status(s) for s in (raw if isinstance(raw, list) else [raw])]
     if not statuses or any(s not in (Status.DELIVERED, Status.FAILED) for s in statuses):
         raise BadRequest("only delivered and failed events are purged", "status")
+    trigger = body.get("trigger")
+    if trigger is not None and not isinstance(trigger, str):
+        raise BadRequest("expected a trigger name", "trigger")
     n = await _ctx(request).store.purge(_time(before, "before"),
-                                        [s for s in statuses if s is not None])
-    log.info("admin purge", events=n, before=before)
+                                        [s for s in statuses if s is not None], trigger)
+    log.info("admin purge", events=n, before=before, trigger=trigger)
     return web.json_response({"purged": n})
 
 

@@ -86,7 +86,8 @@ def document() -> dict[str, Any]:
                     "type": "object", "required": ["before"], "properties": {
                         "before": {"type": "string", "format": "date-time"},
                         "status": {"type": "array", "items": {
-                            "enum": ["delivered", "failed"]}}}}}}},
+                            "enum": ["delivered", "failed"]}},
+                        "trigger": {"type": "string"}}}}}},
                 "responses": _ok('{"purged": n}', _OBJ)}},
         },
     }

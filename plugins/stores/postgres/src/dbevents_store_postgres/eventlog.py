@@ -28,6 +28,7 @@ WITH gone AS (
             SELECT seq FROM {schema}.events
             WHERE status IN ('delivered', 'failed') AND status = ANY(%(status)b)
               AND updated_at < %(before)b
+              AND (%(trigger)b::text IS NULL OR trigger_name = %(trigger)b)
             LIMIT %(limit)b FOR UPDATE SKIP LOCKED))
       AND e.status IN ('delivered', 'failed') AND e.updated_at < %(before)b
     RETURNING e.seq
@@ -124,7 +125,7 @@ async def redeliver(conn: Conn, q: Statements, ids: Sequence[str] | None,
 
 
 async def purge_batch(conn: Conn, q: Statements, before: datetime, statuses: Sequence[Status],
-                      limit: int) -> int:
+                      limit: int, trigger: str | None = None) -> int:
     """Delete up to ``limit`` finished events last updated before ``before``,
     with their attempts; returns how many. Active events are never purged: they
     are the queue."""
@@ -132,7 +133,7 @@ async def purge_batch(conn: Conn, q: Statements, before: datetime, statuses: Seq
     if not wanted:
         return 0
     row = await (await conn.execute(render(PURGE, q.loc.schema), {
-        "status": wanted, "before": before, "limit": limit})).fetchone()
+        "status": wanted, "before": before, "limit": limit, "trigger": trigger})).fetchone()
     return int(row[0]) if row else 0
 
 

@@ -300,13 +300,15 @@ class PostgresStore:
                         trigger: str | None) -> int:
         return await self._run(eventlog.redeliver, ids, status, trigger, _now())
 
-    async def purge(self, before: datetime, statuses: Sequence[Status]) -> int:
+    async def purge(self, before: datetime, statuses: Sequence[Status],
+                    trigger: str | None = None) -> int:
         """Delivered/failed events last updated before ``before``, with their
         attempts, PURGE_BATCH per transaction so that workers' writes get in
         between. Active events are never purged."""
         total = 0
         while True:
-            n = await self._run(eventlog.purge_batch, before, statuses, self.PURGE_BATCH)
+            n = await self._run(eventlog.purge_batch, before, statuses, self.PURGE_BATCH,
+                                trigger)
             total += n
             if n < self.PURGE_BATCH:
                 return total

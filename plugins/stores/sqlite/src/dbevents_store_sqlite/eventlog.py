@@ -113,7 +113,7 @@ def redeliver(conn: sqlite3.Connection, ids: Sequence[str] | None, status: Statu
 
 
 def purge_batch(conn: sqlite3.Connection, before_us: int, statuses: Sequence[Status],
-                limit: int) -> int:
+                limit: int, trigger: str | None = None) -> int:
     """Delete up to ``limit`` finished events last updated before ``before_us``,
     with their attempts; returns how many. Active events are never purged: they
     are the queue."""
@@ -125,8 +125,9 @@ def purge_batch(conn: sqlite3.Connection, before_us: int, statuses: Sequence[Sta
         seqs = [(r[0],) for r in conn.execute(
             "SELECT seq FROM events INDEXED BY events_finished "
             "WHERE status IN ('delivered', 'failed') "
-            f"AND status IN ({','.join('?' * len(wanted))}) AND updated_at < ? LIMIT ?",
-            (*wanted, before_us, limit))]
+            f"AND status IN ({','.join('?' * len(wanted))}) AND updated_at < ? "
+            f"{'AND trigger_name = ? ' if trigger is not None else ''}LIMIT ?",
+            (*wanted, before_us, *([trigger] if trigger is not None else []), limit))]
         conn.executemany("DELETE FROM attempts WHERE event_seq = ?", seqs)
         conn.executemany("DELETE FROM events WHERE seq = ?", seqs)
         return len(seqs)

@@ -279,14 +279,15 @@ class SqliteStore:
                         trigger: str | None) -> int:
         return await self._call(eventlog.redeliver, ids, status, trigger)
 
-    async def purge(self, before: datetime, statuses: Sequence[Status]) -> int:
+    async def purge(self, before: datetime, statuses: Sequence[Status],
+                    trigger: str | None = None) -> int:
         """Delivered/failed events last updated before ``before``, with their
         attempts, PURGE_BATCH per transaction so the worker's own writes (and
         the CLI's) get in between."""
         total = 0
         while True:
             n = await self._call(eventlog.purge_batch, to_us(before), statuses,
-                                 self.PURGE_BATCH)
+                                 self.PURGE_BATCH, trigger)
             total += n
             if n < self.PURGE_BATCH:
                 return total
