@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 
 import attrs
 
@@ -87,6 +87,24 @@ def options_class(plugin: object) -> type | None:
     adds (see the module docstring). Default: none, the plugin adds no keys."""
     cls = getattr(plugin, "Options", None)
     return cls if isinstance(cls, type) and attrs.has(cls) else None
+
+
+_O = TypeVar("_O")
+
+
+def sink_options(trigger: Trigger, cls: type[_O]) -> _O:
+    """A trigger's sink options as the sink's ``Options`` instance: the parsed one
+    from the config, the defaults when the trigger sets none, or built from a
+    plain mapping (a Trigger made in code)."""
+    opts = trigger.sink_options
+    if opts is None:
+        return cls()
+    if isinstance(opts, cls):
+        return opts
+    if isinstance(opts, Mapping):
+        return cls(**opts)
+    raise TypeError(f"trigger {trigger.name!r}: sink_options is a {type(opts).__name__}, "
+                    f"expected {cls.__name__}")
 
 
 def source_operations(source: object) -> frozenset[Operation]:

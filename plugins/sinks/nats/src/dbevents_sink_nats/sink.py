@@ -24,6 +24,7 @@ import nats.js.errors
 import structlog
 from dbevents import Event, Outcome, Trigger
 from dbevents.masking import MASK, add_secrets, scrub, secret_fragments
+from dbevents.protocols import sink_options
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
@@ -39,15 +40,7 @@ WRONG_STREAM = 10060
 
 
 def options_of(trigger: Trigger) -> NatsOptions:
-    opts = trigger.sink_options
-    if opts is None:
-        return NatsOptions()
-    if isinstance(opts, NatsOptions):
-        return opts
-    if isinstance(opts, Mapping):  # a trigger built in code with a plain dict
-        return NatsOptions(**opts)
-    raise TypeError(f"trigger {trigger.name!r}: sink_options is a {type(opts).__name__}, "
-                    "expected NatsOptions")
+    return sink_options(trigger, NatsOptions)
 
 
 def mask_servers(url: str) -> str:

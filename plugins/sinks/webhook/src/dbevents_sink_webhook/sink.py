@@ -22,6 +22,7 @@ import attrs
 import structlog
 from dbevents import Event, Outcome, Trigger, batch_body
 from dbevents.masking import MASK, mask_headers, mask_url
+from dbevents.protocols import sink_options
 from yarl import URL
 
 from dbevents_sink_webhook import native
@@ -52,15 +53,7 @@ USER_AGENT = _user_agent()
 
 
 def options_of(trigger: Trigger) -> WebhookOptions:
-    opts = trigger.sink_options
-    if opts is None:
-        return WebhookOptions()
-    if isinstance(opts, WebhookOptions):
-        return opts
-    if isinstance(opts, Mapping):  # a trigger built in code with a plain dict
-        return WebhookOptions(**opts)
-    raise TypeError(f"trigger {trigger.name!r}: sink_options is a {type(opts).__name__}, "
-                    "expected WebhookOptions")
+    return sink_options(trigger, WebhookOptions)
 
 
 @attrs.frozen

@@ -59,6 +59,7 @@ from typing import Any
 
 import psycopg
 from dbevents.values import Event, Finish, Position, Status
+from psycopg import sql
 
 from dbevents_store_postgres.rows import (
     ACTIVE,
@@ -312,9 +313,9 @@ async def lock_queue(conn: Conn, q: Statements, exclusive: bool) -> None:
     await conn.execute(f"SELECT {fn}(%s, %s)", q.queue_key)
 
 
-async def enqueue(conn: Conn, q: Statements, events: Sequence[Event],
-                  checkpoints: Mapping[str, Position], now: datetime) -> int:
-    params: dict[str, Any] = {
+def _event_params(q: Statements, events: Sequence[Event], now: datetime) -> dict[str, Any]:
+    """The events as column arrays: one statement inserts them all."""
+    return {
         "id": [e.id for e in events],
         "trigger": [e.trigger for e in events],
         "database": [clean_text(e.database) for e in events],
@@ -326,16 +327,28 @@ async def enqueue(conn: Conn, q: Statements, events: Sequence[Event],
         "now": now,
         "channel": q.loc.channel,
     }
-    # One round trip: lock, insert, checkpoints and commit go out together.
+
+
+async def _insert(conn: Conn, q: Statements, statement: sql.Composed,
+                  params: dict[str, Any], checkpoints: Mapping[str, Position],
+                  now: datetime) -> psycopg.AsyncCursor[Any] | None:
+    """The insert and the checkpoints in one transaction and one round trip (lock,
+    insert, checkpoints and commit go out together); the insert's cursor."""
     cur = None
     async with conn.pipeline(), conn.transaction():
-        if events:
+        if params["id"]:
             await lock_queue(conn, q, exclusive=True)
-            cur = await conn.execute(q.enqueue, params)
+            cur = await conn.execute(statement, params)
         if checkpoints:
             await conn.execute(q.upsert_checkpoints, {
                 "source": list(checkpoints), "now": now,
                 "position": [p.value for p in checkpoints.values()]})
+    return cur
+
+
+async def enqueue(conn: Conn, q: Statements, events: Sequence[Event],
+                  checkpoints: Mapping[str, Position], now: datetime) -> int:
+    cur = await _insert(conn, q, q.enqueue, _event_params(q, events, now), checkpoints, now)
     if cur is None:
         return 0
     row = await cur.fetchone()
@@ -347,29 +360,9 @@ async def enqueue_held(conn: Conn, q: Statements, events: Sequence[Event],
                        now: datetime, worker: str) -> list[Event]:
     """``enqueue``, the new events held for ``worker`` where their rows allow
     (see ENQUEUE_HELD); they come back from the insert's RETURNING, not read."""
-    params: dict[str, Any] = {
-        "id": [e.id for e in events],
-        "trigger": [e.trigger for e in events],
-        "database": [clean_text(e.database) for e in events],
-        "db_type": [e.db_type for e in events],
-        "table": [clean_text(e.table) for e in events],
-        "doc_id": [clean_text(e.doc_id) for e in events],
-        "type": [e.type for e in events],
-        "payload": [e.payload for e in events],
-        "now": now,
-        "lease_until": now + timedelta(seconds=lease_seconds),
-        "worker": worker,
-        "channel": q.loc.channel,
-    }
-    cur = None
-    async with conn.pipeline(), conn.transaction():
-        if events:
-            await lock_queue(conn, q, exclusive=True)
-            cur = await conn.execute(q.enqueue_held, params)
-        if checkpoints:
-            await conn.execute(q.upsert_checkpoints, {
-                "source": list(checkpoints), "now": now,
-                "position": [p.value for p in checkpoints.values()]})
+    params = _event_params(q, events, now)
+    params.update(lease_until=now + timedelta(seconds=lease_seconds), worker=worker)
+    cur = await _insert(conn, q, q.enqueue_held, params, checkpoints, now)
     if cur is None:
         return []
     row = await cur.fetchone()
