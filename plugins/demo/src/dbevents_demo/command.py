@@ -41,6 +41,9 @@ url = "{broken_url}"
 retries = {retries}
 backoff_base = 500
 backoff_max = 2000
+# This receiver fails every event on purpose, to show retries and failed events;
+# a real one failing everything would pause the trigger (docs/delivery.md).
+pause_after = 0
 """
 
 
