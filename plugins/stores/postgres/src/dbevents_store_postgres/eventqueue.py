@@ -58,8 +58,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
+from dbevents.errors import CaptureLost
 from dbevents.values import Event, Finish, Position, Status
 
+from dbevents_store_postgres.leases import LeaseStatements
 from dbevents_store_postgres.rows import (
     ACTIVE,
     ACTIVE_SQL,
@@ -305,6 +307,43 @@ class Statements:
         self.headless = render(HEADLESS, loc.schema)
         self.release = render(RELEASE, loc.schema)
         self.next_due = render(NEXT_DUE, loc.schema)
+        self.leases = LeaseStatements(loc)
+
+
+# source -> (holder, token): the capture leases an enqueue must still hold.
+Fences = Mapping[str, tuple[str, int]]
+
+
+def fences_for(fences: Fences, events: Sequence[Event],
+               checkpoints: Mapping[str, Position]) -> dict[str, tuple[str, int]]:
+    """The fences of the sources this write stores events of or moves."""
+    if not fences:
+        return {}
+    touched = set(checkpoints) | {e.database for e in events}
+    return {s: f for s, f in fences.items() if s in touched}
+
+
+async def check_fences(conn: Conn, q: Statements, fences: Fences) -> Any:
+    """Queue the fence read (in the caller's transaction); ``fenced`` judges it."""
+    if not fences:
+        return None
+    return await conn.execute(q.leases.fence, {"source": sorted(fences)})
+
+
+async def fenced(cur: Any, fences: Fences) -> None:
+    """Raise CaptureLost, before the caller's transaction commits (so it rolls
+    back), when a lease this write needs is no longer this holder's token."""
+    if cur is None:
+        return
+    found = {r[0]: (r[1], int(r[2])) for r in await cur.fetchall()}
+    for source, mine in fences.items():
+        if found.get(source) != mine:
+            now = found.get(source)
+            holder = f"held by {now[0]} with token {now[1]}" if now else "gone"
+            raise CaptureLost(
+                f"the capture lease of {source!r} is no longer this process's "
+                f"(token {mine[1]}; now {holder}): another process took over its "
+                "capture; nothing was stored")
 
 
 async def lock_queue(conn: Conn, q: Statements, exclusive: bool) -> None:
@@ -313,7 +352,8 @@ async def lock_queue(conn: Conn, q: Statements, exclusive: bool) -> None:
 
 
 async def enqueue(conn: Conn, q: Statements, events: Sequence[Event],
-                  checkpoints: Mapping[str, Position], now: datetime) -> int:
+                  checkpoints: Mapping[str, Position], now: datetime,
+                  fences: Fences | None = None) -> int:
     params: dict[str, Any] = {
         "id": [e.id for e in events],
         "trigger": [e.trigger for e in events],
@@ -328,7 +368,9 @@ async def enqueue(conn: Conn, q: Statements, events: Sequence[Event],
     }
     # One round trip: lock, insert, checkpoints and commit go out together.
     cur = None
+    fences = fences_for(fences or {}, events, checkpoints)
     async with conn.pipeline(), conn.transaction():
+        fence = await check_fences(conn, q, fences)
         if events:
             await lock_queue(conn, q, exclusive=True)
             cur = await conn.execute(q.enqueue, params)
@@ -336,6 +378,7 @@ async def enqueue(conn: Conn, q: Statements, events: Sequence[Event],
             await conn.execute(q.upsert_checkpoints, {
                 "source": list(checkpoints), "now": now,
                 "position": [p.value for p in checkpoints.values()]})
+        await fenced(fence, fences)
     if cur is None:
         return 0
     row = await cur.fetchone()
@@ -344,7 +387,7 @@ async def enqueue(conn: Conn, q: Statements, events: Sequence[Event],
 
 async def enqueue_held(conn: Conn, q: Statements, events: Sequence[Event],
                        checkpoints: Mapping[str, Position], lease_seconds: float,
-                       now: datetime, worker: str) -> list[Event]:
+                       now: datetime, worker: str, fences: Fences | None = None) -> list[Event]:
     """``enqueue``, the new events held for ``worker`` where their rows allow
     (see ENQUEUE_HELD); they come back from the insert's RETURNING, not read."""
     params: dict[str, Any] = {
@@ -362,7 +405,9 @@ async def enqueue_held(conn: Conn, q: Statements, events: Sequence[Event],
         "channel": q.loc.channel,
     }
     cur = None
+    fences = fences_for(fences or {}, events, checkpoints)
     async with conn.pipeline(), conn.transaction():
+        fence = await check_fences(conn, q, fences)
         if events:
             await lock_queue(conn, q, exclusive=True)
             cur = await conn.execute(q.enqueue_held, params)
@@ -370,6 +415,7 @@ async def enqueue_held(conn: Conn, q: Statements, events: Sequence[Event],
             await conn.execute(q.upsert_checkpoints, {
                 "source": list(checkpoints), "now": now,
                 "position": [p.value for p in checkpoints.values()]})
+        await fenced(fence, fences)
     if cur is None:
         return []
     row = await cur.fetchone()
