@@ -18,6 +18,7 @@ from __future__ import annotations
 from datetime import UTC
 from typing import Any
 
+import psycopg
 from dbevents.protocols import CaptureLease
 
 from dbevents_store_postgres.schema import render
@@ -68,8 +69,15 @@ class LeaseStatements:
 
 
 async def acquire(conn: Any, q: Any, source: str, holder: str, ttl: float) -> int | None:
-    row = await (await conn.execute(q.leases.acquire, {
-        "source": source, "holder": holder, "ttl": ttl})).fetchone()
+    """None also while the row is locked: a holder's enqueue is in flight (or
+    frozen half-way, until the server ends its idle transaction)."""
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL lock_timeout = '1s'")
+            row = await (await conn.execute(q.leases.acquire, {
+                "source": source, "holder": holder, "ttl": ttl})).fetchone()
+    except psycopg.errors.LockNotAvailable:
+        return None
     return None if row is None else int(row[0])
 
 

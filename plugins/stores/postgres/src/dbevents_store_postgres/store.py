@@ -350,11 +350,12 @@ async def _configure(conn: Conn) -> None:
     early, where a bitmap scan fetches everything that matches first (see
     eventqueue). A session left idle inside a transaction (a worker frozen
     half-way through a finish) would hold the queue lock and stop every
-    enqueue: the server ends it after a minute. The store's own transactions
-    never wait on the client.
+    enqueue, and a capture holder frozen in the middle of an enqueue would hold
+    its lease row against a takeover: the server ends it after 5 s. The
+    store's own transactions never wait on the client.
     """
     await conn.execute("SET enable_bitmapscan = off; "
-                       "SET idle_in_transaction_session_timeout = '60s'")
+                       "SET idle_in_transaction_session_timeout = '5s'")
 
 
 def _now() -> datetime:
