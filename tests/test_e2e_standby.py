@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e import Dbevents, events
+from tests.e2e import Dbevents, cli, events
 from tests.test_e2e_crash import writer
 from testsupport.receiver import Reply, ThreadedReceiver
 from testsupport.servers import PostgresServer
@@ -167,6 +167,8 @@ def test_a_standby_takes_over_from_a_killed_holder(setup: tuple[list[Path], Any]
         new = wait_for_holder(runs[1:], TAKEOVER_BOUND)
         line = new.wait_for_log("capture lease acquired")
         assert line["token"] == 2
+        shown = json.loads(cli(configs[1], "status", "--json").stdout)["sources"]["app"]
+        assert (shown["holder"], shown["lease_token"]) == (line["holder"], 2)
         thread.join()
         wait_delivered(configs[0], len(log))
         check_delivery(receiver, configs[0], log)
