@@ -119,10 +119,25 @@ class Engine:
                                          self.dispatcher.notify, self.observers):
                 await service.start()
                 opened.append(service)
-            if self.leases is None:
-                for name, source in self.sources.items():
+            # Sources captured from the start are started (slot made, position
+            # anchored) before "running": a change committed after that line is
+            # never skipped. With leases, those whose lease this process takes.
+            held: dict[str, tuple[int, float]] = {}
+            for name, source in self.sources.items():
+                if self.leases is None:
                     await self._start_source(name, source)
                     opened.append(source)
+                    continue
+                asked = time.monotonic()
+                token = await self._acquire(name, self.leases)
+                if token is not None:
+                    try:
+                        await self._start_source(name, source)
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await source.close()
+                        raise
+                    held[name] = (token, asked)
             for sink in self.sinks.values():
                 await sink.open()
                 opened.append(sink)
@@ -133,7 +148,7 @@ class Engine:
                 tasks = [asyncio.create_task(self._capture(name, src), name=f"capture-{name}")
                          for name, src in self.sources.items()]
             else:
-                tasks = [asyncio.create_task(self._hold(name, src, self.leases),
+                tasks = [asyncio.create_task(self._hold(name, src, self.leases, held.get(name)),
                                              name=f"hold-{name}")
                          for name, src in self.sources.items()]
             tasks.append(asyncio.create_task(self._retention(), name="retention"))
@@ -169,41 +184,54 @@ class Engine:
         await self._anchor(name, source)
 
     # -- capture leases ----------------------------------------------------------
-    async def _hold(self, name: str, source: Source, leases: LeasesCapture) -> None:
+    async def _acquire(self, name: str, leases: LeasesCapture) -> int | None:
+        every = self.config.eventing.capture_lease / 3
+        try:
+            token = await asyncio.wait_for(
+                leases.acquire_capture(name, self.holder, self.config.eventing.capture_lease),
+                every)
+        except (TimeoutError, Exception) as exc:
+            log.warning("capture lease: store unreachable; trying again", database=name,
+                        error=str(exc) or type(exc).__name__, retry_in=round(every, 1))
+            return None
+        if token is not None:
+            log.info("capture lease acquired", database=name, holder=self.holder, token=token)
+        return token
+
+    async def _hold(self, name: str, source: Source, leases: LeasesCapture,
+                    first: tuple[int, float] | None) -> None:
         """Capture ``name`` only while this process holds its lease: a standby
         tries to take it every third of the ttl (delivering meanwhile, the
         dispatcher runs regardless); the holder renews it as often and stops
         capturing at once when a renewal fails or finds it taken, before the
         ttl runs out. The store fences every write with the lease's token, so a
-        holder that was paused past the ttl stores and confirms nothing."""
-        ttl = self.config.eventing.capture_lease
-        every = ttl / 3
+        holder that was paused past the ttl stores and confirms nothing.
+        ``first``: the lease taken at startup (token, when asked), its source
+        already started."""
+        every = self.config.eventing.capture_lease / 3
         waiting = False
         while True:
-            asked = time.monotonic()
-            try:
-                token = await asyncio.wait_for(
-                    leases.acquire_capture(name, self.holder, ttl), every)
-            except (TimeoutError, Exception) as exc:
-                log.warning("capture lease: store unreachable; trying again", database=name,
-                            error=str(exc) or type(exc).__name__, retry_in=round(every, 1))
-                token = None
-            if token is None:
-                if not waiting:
-                    log.info("standby: another process captures this source", database=name,
-                             holder=self.holder, retry_every=round(every, 1))
-                    waiting = True
-                await asyncio.sleep(every)
-                continue
+            if first is not None:
+                (token, asked), started, first = first, True, None
+            else:
+                asked = time.monotonic()
+                got = await self._acquire(name, leases)
+                if got is None:
+                    if not waiting:
+                        log.info("standby: another process captures this source",
+                                 database=name, holder=self.holder, retry_every=round(every, 1))
+                        waiting = True
+                    await asyncio.sleep(every)
+                    continue
+                token, started = got, False
             waiting = False
-            log.info("capture lease acquired", database=name, holder=self.holder, token=token)
-            why = await self._while_held(name, source, leases, token, asked)
+            why = await self._while_held(name, source, leases, token, asked, started)
             self.observers.source_state(name, False, why)
             log.warning("capture lease lost; capture stopped", database=name,
                         holder=self.holder, token=token, reason=why)
 
     async def _while_held(self, name: str, source: Source, leases: LeasesCapture,
-                          token: int, asked: float) -> str:
+                          token: int, asked: float, started: bool) -> str:
         """Start the source and capture until the lease is lost; returns why.
         The source is closed before returning (a replication slot freed for
         the next holder); on shutdown the lease is released for a quick
@@ -215,7 +243,8 @@ class Engine:
         capture: asyncio.Task[None] | None = None
         stopping = False
         try:
-            await self._start_source(name, source)
+            if not started:
+                await self._start_source(name, source)
             capture = asyncio.create_task(self._capture(name, source), name=f"capture-{name}")
             while True:
                 await asyncio.wait({capture}, timeout=every)

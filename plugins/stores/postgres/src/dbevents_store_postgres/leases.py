@@ -46,6 +46,16 @@ UPDATE {schema}.capture_leases SET expires_at = now()
 WHERE source = %(source)s AND holder = %(holder)s AND token = %(token)s
 """
 
+# A lease that ran out whose row is still locked by a fenced write: that write's
+# holder is frozen mid-transaction (a pipelined transaction waiting on its
+# client is not "idle in transaction", so the server would wait for ever). Its
+# session is ended: the write rolls back, and the takeover goes ahead.
+END_FROZEN_WRITER = """
+SELECT pg_terminate_backend(l.pid) FROM {schema}.capture_leases c
+JOIN pg_locks l ON l.locktype = 'transactionid' AND l.granted AND l.transactionid = c.xmax
+WHERE c.source = %(source)s AND c.expires_at <= now() AND l.pid <> pg_backend_pid()
+"""
+
 LIST = """
 SELECT source, holder, token, expires_at, expires_at > now() FROM {schema}.capture_leases
 ORDER BY source
@@ -65,18 +75,21 @@ class LeaseStatements:
         self.renew = render(RENEW, loc.schema)
         self.release = render(RELEASE, loc.schema)
         self.list = render(LIST, loc.schema)
+        self.end_frozen_writer = render(END_FROZEN_WRITER, loc.schema)
         self.fence = render(FENCE, loc.schema)
 
 
 async def acquire(conn: Any, q: Any, source: str, holder: str, ttl: float) -> int | None:
-    """None also while the row is locked: a holder's enqueue is in flight (or
-    frozen half-way, until the server ends its idle transaction)."""
+    """None also while the row is locked: a holder's enqueue is in flight, or
+    frozen half-way past the lease (then its session is ended, see
+    END_FROZEN_WRITER, and the next try takes the lease)."""
     try:
         async with conn.transaction():
-            await conn.execute("SET LOCAL lock_timeout = '1s'")
+            await conn.execute("SET LOCAL lock_timeout = '200ms'")
             row = await (await conn.execute(q.leases.acquire, {
                 "source": source, "holder": holder, "ttl": ttl})).fetchone()
     except psycopg.errors.LockNotAvailable:
+        await conn.execute(q.leases.end_frozen_writer, {"source": source})
         return None
     return None if row is None else int(row[0])
 
