@@ -33,6 +33,7 @@ from dbevents.protocols import (
     Store,
     StoreRole,
     TriggerStats,
+    capture_leasing,
     status_probe,
     trigger_pauses,
 )
@@ -467,10 +468,17 @@ def status(state: State, as_json: bool) -> None:
         paused = await pauses.paused_triggers() if pauses is not None else {}
         stats += [TriggerStats(t) for t in sorted(set(paused) - {s.trigger for s in stats})]
         cps = await store.checkpoints()
+        leasing = capture_leasing(store)
+        leases = {lease.source: lease for lease in await leasing.capture_leases()} \
+            if leasing is not None else {}
         sources = {}
         for name, db in cfg.databases.items():
             info: dict[str, Any] = {"type": db.type, "checkpoint": str(cps[name])
                                     if name in cps else None}
+            lease = leases.get(name)
+            if lease is not None:  # which process captures it (several share the config)
+                info["holder"] = lease.holder if lease.live else None
+                info["lease_token"] = lease.token
             probe = status_probe(state.plugins.get("source", db.type))
             if probe is not None:
                 settings = SourceSettings(name=name, url=db.url, options=db.options,

@@ -42,6 +42,9 @@ class EventingConfig:
     store: str = DEFAULT_STORE
     source_id: str | None = None
     retention: float = 7 * 86400.0  # seconds
+    # How long a capture lease lasts unrenewed: the bound on a standby's takeover
+    # (stores that keep leases only).
+    capture_lease: float = 10.0  # seconds
 
 
 @attrs.frozen
@@ -235,7 +238,7 @@ def coerce(tp: Any, value: Any, path: str) -> Any:
 
 # -- the config itself -------------------------------------------------------
 
-_EVENTING_KEYS = ("enabled", "store", "source_id", "retention")
+_EVENTING_KEYS = ("enabled", "store", "source_id", "retention", "capture_lease")
 _DATABASE_KEYS = DATABASE_KEYS
 _TRIGGER_KEYS = TRIGGER_KEYS
 
@@ -303,7 +306,15 @@ def _eventing(raw: dict[str, Any], path: Path | None) -> EventingConfig:
         retention = parse_duration(retention_raw)
     except ValueError as exc:
         raise ConfigError(str(exc), path="eventing.retention") from None
-    return EventingConfig(enabled=enabled, store=store, source_id=source_id, retention=retention)
+    try:
+        capture_lease = parse_duration(raw.get("capture_lease", "10s"))
+    except ValueError as exc:
+        raise ConfigError(str(exc), path="eventing.capture_lease") from None
+    if capture_lease < 1.0:
+        raise ConfigError("must be at least 1s: the holder renews it every third of it",
+                          path="eventing.capture_lease")
+    return EventingConfig(enabled=enabled, store=store, source_id=source_id, retention=retention,
+                          capture_lease=capture_lease)
 
 
 # Names users often write for a database type, and the source that reads it.

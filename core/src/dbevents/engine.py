@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import time
+import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,18 +25,20 @@ import structlog
 from dbevents.backoff import Backoff
 from dbevents.config import Config, resolve_store_url
 from dbevents.dispatcher import Dispatcher
-from dbevents.errors import ConfigError, SetupError, SourceUnavailable
+from dbevents.errors import CaptureLost, ConfigError, SetupError, SourceUnavailable
 from dbevents.masking import mask_dsn
 from dbevents.matching import TriggerMatcher
 from dbevents.observers import make_observers
 from dbevents.plugins import Plugins
 from dbevents.protocols import (
+    LeasesCapture,
     Sink,
     Source,
     SourceSettings,
     Store,
     StoreRole,
     StoreSettings,
+    capture_leasing,
     initial_position,
 )
 from dbevents.services import make_services
@@ -72,6 +77,10 @@ class Engine:
             config.triggers,
             {name: plugins.get("matcher", name)() for name in plugins.names("matcher")},
         )
+        # A store that keeps capture leases lets several processes share the
+        # config: each source is captured by whichever holds its lease.
+        self.leases: LeasesCapture | None = capture_leasing(self.store)
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.sinks: dict[str, Sink] = dict(sinks or {})
         for trigger in config.triggers:
             if trigger.sink not in self.sinks:
@@ -83,7 +92,7 @@ class Engine:
                 name=name, url=db.url, options=db.options,
                 tables=self.matcher.tables_for(name),
                 operations=self.matcher.operations_for(name),
-                config_dir=config.dir,
+                config_dir=config.dir, leased=self.leases is not None,
             ))
         self.dispatcher = Dispatcher(self.store, config.triggers, self.sinks)
         self.observers = self.dispatcher.observers = make_observers(config, plugins)
@@ -110,19 +119,38 @@ class Engine:
                                          self.dispatcher.notify, self.observers):
                 await service.start()
                 opened.append(service)
+            # Sources captured from the start are started (slot made, position
+            # anchored) before "running": a change committed after that line is
+            # never skipped. With leases, those whose lease this process takes.
+            held: dict[str, tuple[int, float]] = {}
             for name, source in self.sources.items():
-                await source.start()
-                opened.append(source)
-                log.info("source ready", database=name, type=self.config.databases[name].type,
-                         url=mask_dsn(self.config.databases[name].url))
-                await self._anchor(name, source)
+                if self.leases is None:
+                    await self._start_source(name, source)
+                    opened.append(source)
+                    continue
+                asked = time.monotonic()
+                token = await self._acquire(name, self.leases)
+                if token is not None:
+                    try:
+                        await self._start_source(name, source)
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await source.close()
+                        raise
+                    held[name] = (token, asked)
             for sink in self.sinks.values():
                 await sink.open()
                 opened.append(sink)
             log.info("running", sources=len(self.sources), triggers=len(self.config.triggers),
-                     source_id=self.source_id)
-            tasks = [asyncio.create_task(self._capture(name, src), name=f"capture-{name}")
-                     for name, src in self.sources.items()]
+                     source_id=self.source_id,
+                     holder=self.holder if self.leases is not None else None)
+            if self.leases is None:
+                tasks = [asyncio.create_task(self._capture(name, src), name=f"capture-{name}")
+                         for name, src in self.sources.items()]
+            else:
+                tasks = [asyncio.create_task(self._hold(name, src, self.leases, held.get(name)),
+                                             name=f"hold-{name}")
+                         for name, src in self.sources.items()]
             tasks.append(asyncio.create_task(self._retention(), name="retention"))
             dispatch = asyncio.create_task(self.dispatcher.run(self._stop), name="dispatcher")
             stop_wait = asyncio.create_task(self._stop.wait())
@@ -149,6 +177,110 @@ class Engine:
             log.info("stopped", captured=self.captured, delivered=self.dispatcher.delivered,
                      failed=self.dispatcher.failed)
 
+    async def _start_source(self, name: str, source: Source) -> None:
+        await source.start()
+        log.info("source ready", database=name, type=self.config.databases[name].type,
+                 url=mask_dsn(self.config.databases[name].url))
+        await self._anchor(name, source)
+
+    # -- capture leases ----------------------------------------------------------
+    async def _acquire(self, name: str, leases: LeasesCapture) -> int | None:
+        every = self.config.eventing.capture_lease / 3
+        try:
+            token = await asyncio.wait_for(
+                leases.acquire_capture(name, self.holder, self.config.eventing.capture_lease),
+                every)
+        except (TimeoutError, Exception) as exc:
+            log.warning("capture lease: store unreachable; trying again", database=name,
+                        error=str(exc) or type(exc).__name__, retry_in=round(every, 1))
+            return None
+        if token is not None:
+            log.info("capture lease acquired", database=name, holder=self.holder, token=token)
+        return token
+
+    async def _hold(self, name: str, source: Source, leases: LeasesCapture,
+                    first: tuple[int, float] | None) -> None:
+        """Capture ``name`` only while this process holds its lease: a standby
+        tries to take it every third of the ttl (delivering meanwhile, the
+        dispatcher runs regardless); the holder renews it as often and stops
+        capturing at once when a renewal fails or finds it taken, before the
+        ttl runs out. The store fences every write with the lease's token, so a
+        holder that was paused past the ttl stores and confirms nothing.
+        ``first``: the lease taken at startup (token, when asked), its source
+        already started."""
+        every = self.config.eventing.capture_lease / 3
+        waiting = False
+        while True:
+            if first is not None:
+                (token, asked), started, first = first, True, None
+            else:
+                asked = time.monotonic()
+                got = await self._acquire(name, leases)
+                if got is None:
+                    if not waiting:
+                        log.info("standby: another process captures this source",
+                                 database=name, holder=self.holder, retry_every=round(every, 1))
+                        waiting = True
+                    await asyncio.sleep(every)
+                    continue
+                token, started = got, False
+            waiting = False
+            why = await self._while_held(name, source, leases, token, asked, started)
+            self.observers.source_state(name, False, why)
+            log.warning("capture lease lost; capture stopped", database=name,
+                        holder=self.holder, token=token, reason=why)
+
+    async def _while_held(self, name: str, source: Source, leases: LeasesCapture,
+                          token: int, asked: float, started: bool) -> str:
+        """Start the source and capture until the lease is lost; returns why.
+        The source is closed before returning (a replication slot freed for
+        the next holder); on shutdown the lease is released for a quick
+        takeover."""
+        ttl = self.config.eventing.capture_lease
+        every = ttl / 3
+        # Counted from before the acquire was sent: never later than the store's expiry.
+        valid_until = asked + ttl
+        capture: asyncio.Task[None] | None = None
+        stopping = False
+        try:
+            if not started:
+                await self._start_source(name, source)
+            capture = asyncio.create_task(self._capture(name, source), name=f"capture-{name}")
+            while True:
+                await asyncio.wait({capture}, timeout=every)
+                if capture.done():
+                    exc = capture.exception()
+                    if isinstance(exc, CaptureLost):
+                        return str(exc)
+                    if exc is not None:
+                        raise exc
+                    return "capture ended"
+                asked = time.monotonic()
+                try:
+                    kept = await asyncio.wait_for(
+                        leases.renew_capture(name, self.holder, token, ttl),
+                        max(0.05, valid_until - asked - every / 2))
+                except (TimeoutError, Exception) as exc:
+                    return f"renewing the lease failed: {str(exc) or type(exc).__name__}"
+                if not kept:
+                    return "another process took the lease over"
+                valid_until = asked + ttl
+        except CaptureLost as exc:
+            return str(exc)
+        except asyncio.CancelledError:
+            stopping = True
+            raise
+        finally:
+            if capture is not None:
+                capture.cancel()
+                await asyncio.gather(capture, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await source.close()
+            if stopping:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        leases.release_capture(name, self.holder, token), 5.0)
+
     async def _anchor(self, name: str, source: Source) -> None:
         """A database seen for the first time, whose source starts at "now": that
         position is stored before dbevents says it is running. Otherwise a change
@@ -171,7 +303,7 @@ class Engine:
             try:
                 await self._capture_once(name, source)
                 return
-            except SetupError:
+            except (SetupError, CaptureLost):
                 raise
             except asyncio.CancelledError:
                 raise
@@ -286,7 +418,7 @@ class Engine:
         while True:
             try:
                 return await call()
-            except (SetupError, asyncio.CancelledError):
+            except (SetupError, CaptureLost, asyncio.CancelledError):
                 raise
             except Exception as exc:
                 delay = backoff.next()

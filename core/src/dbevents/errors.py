@@ -47,3 +47,9 @@ class StoreUnavailable(DbeventsError):
 
 class SourceUnavailable(DbeventsError):
     """The database went away; the source may be restarted after a backoff."""
+
+
+class CaptureLost(DbeventsError):
+    """A store refused a write because another process took over the capture of
+    its source (the capture lease's token moved on): this process stops
+    capturing that source and confirms nothing more to it."""

@@ -43,6 +43,12 @@ class SourceSettings:
     # Operations some trigger needs (a source may skip reading the others).
     operations: frozenset[str] = frozenset()
     config_dir: Path = Path(".")
+    # Capture is coordinated by a lease in the store (several processes configured
+    # for this database, one capturing at a time): a reader the source finds
+    # still attached (a replication slot held by a previous holder that is still
+    # going away) is waited for, not refused as a second configuration. Default
+    # False: the source may refuse it at start().
+    leased: bool = False
 
 
 @runtime_checkable
@@ -420,6 +426,63 @@ def observer_active(observer: object) -> bool:
     return bool(getattr(observer, "active", True))
 
 
+# -- Optional: capture leases, for a warm standby ---------------------------------
+
+
+@attrs.frozen
+class CaptureLease:
+    """Who holds the capture of a source, as the store has it."""
+
+    source: str
+    holder: str
+    token: int
+    expires_at: datetime
+    live: bool  # expires_at is still ahead by the store's own clock
+
+
+@runtime_checkable
+class LeasesCapture(Protocol):
+    """Optional on a store (read with getattr), shared by several processes.
+
+    Several processes configured with one database take turns: the one holding
+    a source's lease captures it, the others deliver and wait. Default, for a
+    store without it (SQLite: one process): every process captures every
+    source, as it always has.
+
+    The fence: once ``acquire_capture`` returned a token for ``source``, every
+    ``enqueue``/``enqueue_held`` of this store instance that moves ``source``'s
+    checkpoint or stores its events checks, in the same transaction, that the
+    lease still carries that token, and raises CaptureLost (storing nothing)
+    when another holder took it over. Expiry alone does not fence: a lease that
+    ran out with nobody taking it is still this holder's to write with.
+    """
+
+    async def acquire_capture(self, source: str, holder: str, ttl: float) -> int | None:
+        """Take ``source``'s lease for ``ttl`` seconds when it is free, expired
+        or already ``holder``'s: a fencing token larger than every earlier one.
+        None while another holder's lease is live. Expiry is judged by the
+        store's clock, so the workers' clocks do not matter."""
+        ...
+
+    async def renew_capture(self, source: str, holder: str, token: int, ttl: float) -> bool:
+        """Move the lease's expiry to ``ttl`` seconds from now; False when the
+        lease is no longer (``holder``, ``token``): capture must stop at once."""
+        ...
+
+    async def release_capture(self, source: str, holder: str, token: int) -> None:
+        """Let the lease expire now (a clean shutdown), so a standby takes over
+        at its next try instead of after ``ttl``. Tokens never go back."""
+
+    async def capture_leases(self) -> list[CaptureLease]:
+        """Every source's lease, for `dbevents status`."""
+        ...
+
+
+def capture_leasing(store: object) -> LeasesCapture | None:
+    """The store's capture leases, or None: this process captures every source."""
+    return store if isinstance(store, LeasesCapture) else None
+
+
 # -- Optional: paused triggers, for `dbevents status` ------------------------------
 
 
@@ -483,9 +546,11 @@ __all__ = [
     "OBSERVER_MOMENTS",
     "STORE_ROLES",
     "TRIGGER_KEYS",
+    "CaptureLease",
     "ChangeBatch",
     "EventFilter",
     "FindsEventIds",
+    "LeasesCapture",
     "Matcher",
     "Observer",
     "ObserverContext",
@@ -502,6 +567,7 @@ __all__ = [
     "StoreRole",
     "StoreSettings",
     "TriggerStats",
+    "capture_leasing",
     "initial_position",
     "observer_active",
     "options_class",

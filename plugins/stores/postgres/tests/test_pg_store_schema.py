@@ -29,7 +29,8 @@ async def test_first_start_creates_the_schema(open_pg: OpenPg, pg_exec: Exec,
     await open_pg()
     tables = pg_exec("SELECT tablename FROM pg_tables WHERE schemaname = %s ORDER BY 1",
                      (pg_schema,))
-    assert [t for (t,) in tables] == ["attempts", "checkpoints", "events", "meta"]
+    assert [t for (t,) in tables] == ["attempts", "capture_leases", "checkpoints", "events",
+                                      "meta"]
     assert version_of(pg_exec, pg_schema) == VERSION
     assert pg_exec("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
 

@@ -45,6 +45,10 @@ class Plan:
     operations: frozenset[str]
     connect_timeout: float = 10.0
     slot_release_wait: float = 2.0  # a previous session's walsender may still be exiting
+    # Capture is coordinated by a lease: the slot may still be read by the previous
+    # holder's walsender (paused, or its connection not yet timed out). Opening
+    # the stream waits for it (ObjectInUse is retried up to reconnect_for).
+    leased: bool = False
 
 
 async def run(conn: Conn, plan: Plan) -> tuple[list[TableInfo], bool]:
@@ -362,6 +366,10 @@ async def ensure_slot(conn: Conn, plan: Plan) -> bool:
     while info.active and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
         info = await catalog.slot_info(conn, plan.slot) or info
+    if info.active and plan.leased:
+        log.info("replication slot still in use by the previous capture holder; the stream "
+                 "waits for it", slot=plan.slot, backend_pid=info.active_pid)
+        return False
     if info.active:
         raise SetupError(
             f"the replication slot {plan.slot!r} is in use by another process "

@@ -181,7 +181,7 @@ class PostgresSource:
             publish_all=self.options.publish_all,
             operations=frozenset(o.value for o in self._ops),
             connect_timeout=self.options.connect_timeout,
-            slot_release_wait=self.slot_release_wait)
+            slot_release_wait=self.slot_release_wait, leased=self.settings.leased)
 
     async def _refuse_new_slot(self, since: Position) -> None:
         """A checkpoint exists but the slot did not: PostgreSQL no longer holds the

@@ -58,9 +58,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
+from dbevents.errors import CaptureLost
 from dbevents.values import Event, Finish, Position, Status
 from psycopg import sql
 
+from dbevents_store_postgres.leases import LeaseStatements
 from dbevents_store_postgres.rows import (
     ACTIVE,
     ACTIVE_SQL,
@@ -306,6 +308,43 @@ class Statements:
         self.headless = render(HEADLESS, loc.schema)
         self.release = render(RELEASE, loc.schema)
         self.next_due = render(NEXT_DUE, loc.schema)
+        self.leases = LeaseStatements(loc)
+
+
+# source -> (holder, token): the capture leases an enqueue must still hold.
+Fences = Mapping[str, tuple[str, int]]
+
+
+def fences_for(fences: Fences, events: Sequence[Event],
+               checkpoints: Mapping[str, Position]) -> dict[str, tuple[str, int]]:
+    """The fences of the sources this write stores events of or moves."""
+    if not fences:
+        return {}
+    touched = set(checkpoints) | {e.database for e in events}
+    return {s: f for s, f in fences.items() if s in touched}
+
+
+async def check_fences(conn: Conn, q: Statements, fences: Fences) -> Any:
+    """Queue the fence read (in the caller's transaction); ``fenced`` judges it."""
+    if not fences:
+        return None
+    return await conn.execute(q.leases.fence, {"source": sorted(fences)})
+
+
+async def fenced(cur: Any, fences: Fences) -> None:
+    """Raise CaptureLost, before the caller's transaction commits (so it rolls
+    back), when a lease this write needs is no longer this holder's token."""
+    if cur is None:
+        return
+    found = {r[0]: (r[1], int(r[2])) for r in await cur.fetchall()}
+    for source, mine in fences.items():
+        if found.get(source) != mine:
+            now = found.get(source)
+            holder = f"held by {now[0]} with token {now[1]}" if now else "gone"
+            raise CaptureLost(
+                f"the capture lease of {source!r} is no longer this process's "
+                f"(token {mine[1]}; now {holder}): another process took over its "
+                "capture; nothing was stored")
 
 
 async def lock_queue(conn: Conn, q: Statements, exclusive: bool) -> None:
@@ -330,25 +369,32 @@ def _event_params(q: Statements, events: Sequence[Event], now: datetime) -> dict
 
 
 async def _insert(conn: Conn, q: Statements, statement: sql.Composed,
-                  params: dict[str, Any], checkpoints: Mapping[str, Position],
-                  now: datetime) -> psycopg.AsyncCursor[Any] | None:
+                  params: dict[str, Any], events: Sequence[Event],
+                  checkpoints: Mapping[str, Position], now: datetime,
+                  fences: Fences | None) -> psycopg.AsyncCursor[Any] | None:
     """The insert and the checkpoints in one transaction and one round trip (lock,
-    insert, checkpoints and commit go out together); the insert's cursor."""
+    insert, checkpoints and commit go out together), fenced by the capture
+    leases of the sources they come from; the insert's cursor."""
     cur = None
+    fences = fences_for(fences or {}, events, checkpoints)
     async with conn.pipeline(), conn.transaction():
-        if params["id"]:
+        fence = await check_fences(conn, q, fences)
+        if events:
             await lock_queue(conn, q, exclusive=True)
             cur = await conn.execute(statement, params)
         if checkpoints:
             await conn.execute(q.upsert_checkpoints, {
                 "source": list(checkpoints), "now": now,
                 "position": [p.value for p in checkpoints.values()]})
+        await fenced(fence, fences)
     return cur
 
 
 async def enqueue(conn: Conn, q: Statements, events: Sequence[Event],
-                  checkpoints: Mapping[str, Position], now: datetime) -> int:
-    cur = await _insert(conn, q, q.enqueue, _event_params(q, events, now), checkpoints, now)
+                  checkpoints: Mapping[str, Position], now: datetime,
+                  fences: Fences | None = None) -> int:
+    cur = await _insert(conn, q, q.enqueue, _event_params(q, events, now), events,
+                        checkpoints, now, fences)
     if cur is None:
         return 0
     row = await cur.fetchone()
@@ -357,12 +403,12 @@ async def enqueue(conn: Conn, q: Statements, events: Sequence[Event],
 
 async def enqueue_held(conn: Conn, q: Statements, events: Sequence[Event],
                        checkpoints: Mapping[str, Position], lease_seconds: float,
-                       now: datetime, worker: str) -> list[Event]:
+                       now: datetime, worker: str, fences: Fences | None = None) -> list[Event]:
     """``enqueue``, the new events held for ``worker`` where their rows allow
     (see ENQUEUE_HELD); they come back from the insert's RETURNING, not read."""
     params = _event_params(q, events, now)
     params.update(lease_until=now + timedelta(seconds=lease_seconds), worker=worker)
-    cur = await _insert(conn, q, q.enqueue_held, params, checkpoints, now)
+    cur = await _insert(conn, q, q.enqueue_held, params, events, checkpoints, now, fences)
     if cur is None:
         return []
     row = await cur.fetchone()

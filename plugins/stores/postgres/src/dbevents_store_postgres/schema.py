@@ -106,9 +106,18 @@ MIGRATIONS: tuple[Step, ...] = (
         """CREATE INDEX attempts_request ON {schema}.attempts (request_id)
             WHERE request_id IS NOT NULL""",
     ),
+    (  # 3: capture leases: which process captures each source, with a fencing token
+        """CREATE TABLE {schema}.capture_leases (
+            source      text PRIMARY KEY,
+            holder      text NOT NULL,
+            token       bigint NOT NULL,
+            expires_at  timestamptz NOT NULL,
+            acquired_at timestamptz NOT NULL
+        )""",
+    ),
 )
 VERSION = len(MIGRATIONS)
-TABLES = ("attempts", "checkpoints", "events", "meta")
+TABLES = ("attempts", "capture_leases", "checkpoints", "events", "meta")
 # What a role running dbevents needs on each table (the CLI too: it redelivers
 # and purges).
 TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE")
@@ -201,7 +210,12 @@ async def missing_privileges(conn: psycopg.AsyncConnection[Any], loc: Location) 
                                     (loc.schema,))).fetchone()
     if row is None or not row[0]:
         return [f"GRANT USAGE ON SCHEMA {schema_q} TO {sql.Identifier(loc.user).as_string()}"]
-    for table in TABLES:
+    # The tables this schema version has (an older one is migrated by its owner).
+    rows = await (await conn.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename = ANY(%s)",
+        (loc.schema, list(TABLES)))).fetchall()
+    present = {r[0] for r in rows}
+    for table in (t for t in TABLES if t in present):
         qualified = f"{schema_q}.{sql.Identifier(table).as_string()}"
         lacking = []
         for privilege in TABLE_PRIVILEGES:

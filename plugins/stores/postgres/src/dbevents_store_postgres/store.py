@@ -21,11 +21,11 @@ from typing import Any, TypeVar
 import psycopg
 import structlog
 from dbevents.errors import SetupError, StoreUnavailable
-from dbevents.protocols import EventFilter, Problem, StoreSettings, TriggerStats
+from dbevents.protocols import CaptureLease, EventFilter, Problem, StoreSettings, TriggerStats
 from dbevents.values import Attempt, Event, Finish, Position, Status
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from dbevents_store_postgres import diagnose, eventlog, eventqueue, schema
+from dbevents_store_postgres import diagnose, eventlog, eventqueue, leases, schema
 from dbevents_store_postgres.eventqueue import Conn, Statements
 from dbevents_store_postgres.notify import Listener
 from dbevents_store_postgres.url import Location, parse_url
@@ -55,6 +55,9 @@ class PostgresStore:
         self._instance = ""
         self._listener = Listener(self.location)
         self._pool_check: asyncio.Task[None] | None = None
+        # source -> (holder, token) of the capture leases this instance took:
+        # every write of those sources is fenced by them.
+        self._fences: dict[str, tuple[str, int]] = {}
 
     # -- lifecycle ---------------------------------------------------------
     async def open(self) -> None:
@@ -238,14 +241,30 @@ class PostgresStore:
     async def enqueue(self, events: Sequence[Event], checkpoints: Mapping[str, Position]) -> int:
         if not events and not checkpoints:
             return 0
-        return await self._run(eventqueue.enqueue, events, checkpoints, _now())
+        return await self._run(eventqueue.enqueue, events, checkpoints, _now(), self._fences)
 
     async def enqueue_held(self, events: Sequence[Event], checkpoints: Mapping[str, Position],
                            lease_seconds: float) -> list[Event]:
         if not events and not checkpoints:
             return []
         return await self._run(eventqueue.enqueue_held, events, checkpoints, lease_seconds,
-                               _now(), self.worker_id)
+                               _now(), self.worker_id, self._fences)
+
+    # -- capture leases ---------------------------------------------------------
+    async def acquire_capture(self, source: str, holder: str, ttl: float) -> int | None:
+        token = await self._run(leases.acquire, source, holder, ttl)
+        if token is not None:
+            self._fences[source] = (holder, token)
+        return token
+
+    async def renew_capture(self, source: str, holder: str, token: int, ttl: float) -> bool:
+        return await self._run(leases.renew, source, holder, token, ttl)
+
+    async def release_capture(self, source: str, holder: str, token: int) -> None:
+        await self._run(leases.release, source, holder, token)
+
+    async def capture_leases(self) -> list[CaptureLease]:
+        return await self._run(leases.list_leases)
 
     async def renew(self, event_ids: Sequence[str], lease_seconds: float) -> list[str]:
         if not event_ids:
@@ -333,11 +352,12 @@ async def _configure(conn: Conn) -> None:
     early, where a bitmap scan fetches everything that matches first (see
     eventqueue). A session left idle inside a transaction (a worker frozen
     half-way through a finish) would hold the queue lock and stop every
-    enqueue: the server ends it after a minute. The store's own transactions
-    never wait on the client.
+    enqueue, and a capture holder frozen in the middle of an enqueue would hold
+    its lease row against a takeover: the server ends it after 5 s. The
+    store's own transactions never wait on the client.
     """
     await conn.execute("SET enable_bitmapscan = off; "
-                       "SET idle_in_transaction_session_timeout = '60s'")
+                       "SET idle_in_transaction_session_timeout = '5s'")
 
 
 def _now() -> datetime:
