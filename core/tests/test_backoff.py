@@ -1,7 +1,7 @@
 import random
 
 import pytest
-from dbevents.backoff import Backoff, jittered
+from dbevents.backoff import Backoff, scheduled
 
 
 def test_doubles_up_to_the_cap_and_resets() -> None:
@@ -12,29 +12,12 @@ def test_doubles_up_to_the_cap_and_resets() -> None:
     assert (b.next(), b.tries) == (0.5, 1)
 
 
-def test_jitter_stays_within_the_delay() -> None:
-    b = Backoff(1.0, 4.0, jitter=True, rng=random.Random(7))
-    waits = [b.next() for _ in range(50)]
-    ceilings = [1.0, 2.0] + [4.0] * 48
-    assert all(0 <= w <= c for w, c in zip(waits, ceilings, strict=True))
-    assert len(set(waits)) == 50  # drawn, not the delay itself
-
-
-def test_jittered_attempt_ceiling() -> None:
-    rng = random.Random(1)
-    assert all(0 <= jittered(1, 1.0, 60.0, rng) <= 1.0 for _ in range(100))
-    assert all(0 <= jittered(4, 1.0, 60.0, rng) <= 8.0 for _ in range(100))
-    assert all(0 <= jittered(30, 1.0, 60.0, rng) <= 60.0 for _ in range(100))
-    assert max(jittered(4, 1.0, 60.0, rng) for _ in range(200)) > 4.0
-
-
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError, match="first <= cap"):
         Backoff(2.0, 1.0)
 
 
 def test_scheduled_grows_by_the_factor_with_spread_under_the_cap() -> None:
-    from dbevents.backoff import scheduled
     rng = random.Random(3)
     for attempt, about in [(1, 1.0), (2, 10.0), (3, 60.0), (9, 60.0)]:
         waits = [scheduled(attempt, 1.0, 60.0, 10.0, rng) for _ in range(100)]

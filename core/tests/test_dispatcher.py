@@ -90,7 +90,7 @@ async def test_retry_waits_for_backoff() -> None:
     [ev] = store.s.events.values()
     a1, a2 = store.s.attempts[ev.id]
     gap = (a2.started_at - a1.started_at).total_seconds()
-    assert 0 <= gap <= 0.45  # within the jittered 0..100 ms window plus scheduling
+    assert 0 <= gap <= 0.45  # the 75..100 ms wait (100 ms, +-25%, capped) plus scheduling
 
 
 async def test_per_row_order_under_concurrency_and_random_delays() -> None:
@@ -415,35 +415,46 @@ class SwitchSink(MemorySink):
                         error="HTTP 503") for _ in events]
 
 
-async def test_a_down_receiver_pauses_the_trigger_and_nothing_fails() -> None:
+async def outage(store: MemoryStore, sink: SwitchSink, events: list[Event],
+                 down_for: float) -> int:
+    """Deliver ``events`` (trigger "t", pause_after 3) while ``sink`` is down until
+    the trigger pauses, then ``down_for`` seconds more; checks nothing failed
+    meanwhile, brings the sink up and waits for every event to be delivered.
+    Returns the attempts made while paused."""
     t = Trigger(name="t", url="http://x", sink="memory", retries=1, backoff_base=20,
                 backoff_max=40, pause_after=3, probe_max=40)
-    store = MemoryStore(StoreSettings(url="memory://paused"))
     await store.open()
-    evs = [make_event(trigger="t", doc_id=str(i % 4), n=i) for i in range(12)]
-    await store.enqueue(evs, {})
-    sink = SwitchSink()
+    await store.enqueue(events, {})
     d = Dispatcher(store, [t], {"memory": sink})
     stop = asyncio.Event()
     task = asyncio.create_task(d.run(stop))
-    with capture_logs() as logs:
-        for _ in range(500):
-            if "t" in await store.paused_triggers():
-                break
-            await asyncio.sleep(0.01)
-        assert "t" in await store.paused_triggers(), "never paused"
-        sent_at_pause = len(sink.sent)
-        await asyncio.sleep(1.0)  # ~25 probe intervals: one attempt each, at most
-        while_paused = len(sink.sent) - sent_at_pause
-        assert not [e for e in store.s.events.values() if e.status is Status.FAILED]
-        sink.up = True
-        for _ in range(1000):
-            if all(e.status is Status.DELIVERED for e in store.s.events.values()):
-                break
-            await asyncio.sleep(0.01)
-        stop.set()
-        await asyncio.wait_for(task, 5)
+    for _ in range(500):
+        if "t" in await store.paused_triggers():
+            break
+        await asyncio.sleep(0.01)
+    assert "t" in await store.paused_triggers(), "never paused"
+    sent_at_pause = len(sink.sent)
+    await asyncio.sleep(down_for)
+    while_paused = len(sink.sent) - sent_at_pause
+    assert not [e for e in store.s.events.values() if e.status is Status.FAILED]
+    sink.up = True
+    for _ in range(1000):
+        if all(e.status is Status.DELIVERED for e in store.s.events.values()):
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 5)
     assert all(e.status is Status.DELIVERED for e in store.s.events.values())
+    return while_paused
+
+
+async def test_a_down_receiver_pauses_the_trigger_and_nothing_fails() -> None:
+    store = MemoryStore(StoreSettings(url="memory://paused"))
+    sink = SwitchSink()
+    evs = [make_event(trigger="t", doc_id=str(i % 4), n=i) for i in range(12)]
+    with capture_logs() as logs:
+        # ~25 probe intervals while paused: one attempt each, at most.
+        while_paused = await outage(store, sink, evs, down_for=1.0)
     assert while_paused <= 30  # probes, not every event's every retry
     assert await store.paused_triggers() == {}
     said = [e["event"] for e in logs]
@@ -483,27 +494,6 @@ class SwitchBatchSink(SwitchSink):
 
 
 async def test_batch_mode_pauses_too_and_nothing_fails() -> None:
-    t = Trigger(name="t", url="http://x", sink="memory", retries=1, backoff_base=20,
-                backoff_max=40, pause_after=3, probe_max=40)
     store = MemoryStore(StoreSettings(url="memory://paused-batch"))
-    await store.open()
-    await store.enqueue([make_event(trigger="t", doc_id=str(i), n=i) for i in range(40)], {})
-    sink = SwitchBatchSink()
-    d = Dispatcher(store, [t], {"memory": sink})
-    stop = asyncio.Event()
-    task = asyncio.create_task(d.run(stop))
-    for _ in range(500):
-        if "t" in await store.paused_triggers():
-            break
-        await asyncio.sleep(0.01)
-    assert "t" in await store.paused_triggers(), "never paused"
-    await asyncio.sleep(0.5)
-    assert not [e for e in store.s.events.values() if e.status is Status.FAILED]
-    sink.up = True
-    for _ in range(1000):
-        if all(e.status is Status.DELIVERED for e in store.s.events.values()):
-            break
-        await asyncio.sleep(0.01)
-    stop.set()
-    await asyncio.wait_for(task, 5)
-    assert all(e.status is Status.DELIVERED for e in store.s.events.values())
+    evs = [make_event(trigger="t", doc_id=str(i), n=i) for i in range(40)]
+    await outage(store, SwitchBatchSink(), evs, down_for=0.5)

@@ -1,9 +1,10 @@
 """Waiting before trying again: the one backoff rule every part of dbevents uses.
 
-Reconnect loops (sources, stores, the engine's store writes) double a delay up
-to a cap and start again from the first delay once a try succeeds. Delivery
-retries use full jitter, so many events failed by one outage do not all come
-back at the same instant.
+Reconnect loops (sources, stores, the engine's and dispatcher's store writes,
+a paused trigger's probes) double a delay up to a cap and start again from the
+first delay once a try succeeds. Delivery retries follow a growing schedule with
+jitter (``scheduled``), so many events failed by one outage do not all come back
+at the same instant.
 """
 
 from __future__ import annotations
@@ -15,20 +16,13 @@ _rng = random.Random()
 
 
 class Backoff:
-    """A doubling delay: ``first``, 2 x ``first``, ... up to ``cap`` seconds.
+    """A doubling delay: ``first``, 2 x ``first``, ... up to ``cap`` seconds."""
 
-    ``jitter`` draws each wait uniformly from [0, delay] (full jitter) instead of
-    waiting the delay itself.
-    """
-
-    def __init__(self, first: float = 0.5, cap: float = 30.0, *, jitter: bool = False,
-                 rng: random.Random | None = None) -> None:
+    def __init__(self, first: float = 0.5, cap: float = 30.0) -> None:
         if first <= 0 or cap < first:
             raise ValueError(f"need 0 < first <= cap, got {first} and {cap}")
         self.first = first
         self.cap = cap
-        self.jitter = jitter
-        self._rng = rng or _rng
         self._delay = first
         self.tries = 0  # waits since the last reset
 
@@ -37,7 +31,7 @@ class Backoff:
         delay = self._delay
         self._delay = min(self._delay * 2, self.cap)
         self.tries += 1
-        return self._rng.uniform(0, delay) if self.jitter else delay
+        return delay
 
     def reset(self) -> None:
         """A try succeeded: the next failure waits ``first`` again."""
@@ -49,13 +43,6 @@ class Backoff:
         delay = self.next()
         await asyncio.sleep(delay)
         return delay
-
-
-def jittered(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Full-jitter wait after failed attempt number ``attempt`` (1-based):
-    uniform in [0, min(cap, base x 2^(attempt-1))] seconds."""
-    ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
-    return (rng or _rng).uniform(0, ceiling)
 
 
 def scheduled(attempt: int, base: float, cap: float, factor: float,

@@ -39,7 +39,7 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from dbevents.backoff import scheduled
+from dbevents.backoff import Backoff, scheduled
 from dbevents.observers import NONE, Observers
 from dbevents.protocols import Sink, Store, trigger_pauses
 from dbevents.values import Attempt, Event, Finish, Outcome, Status, Trigger
@@ -613,11 +613,10 @@ class Dispatcher:
         """While paused: one event at a time, on a doubling wait up to probe_max,
         the oldest waiting in memory, else one claimed from the store."""
         name = trigger.name
-        delay = max(0.05, trigger.backoff_base / 1000.0)
-        cap = max(delay, trigger.probe_max / 1000.0)
+        first = max(0.05, trigger.backoff_base / 1000.0)
+        backoff = Backoff(first, max(first, trigger.probe_max / 1000.0))
         while name in self._paused and not self._stopping:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, cap)
+            await backoff.sleep()
             queue = self._queued[name]
             if not queue:
                 try:
@@ -697,7 +696,7 @@ class Dispatcher:
         self.notify()
 
     async def _finish(self, batch: list[Finish]) -> None:
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0)
         while True:
             try:
                 await self.store.finish(batch)
@@ -711,8 +710,7 @@ class Dispatcher:
                     return
                 log.warning("recording results failed; held until the store is back",
                             error=str(exc), held=len(batch))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                await backoff.sleep()
         self._epoch += 1
         held, back_ids, stored_rows = self._held, self._back_ids, self._stored_rows
         for f in batch:

@@ -98,14 +98,17 @@ def _oldest_active(x: str) -> str:
             f"AND a.{ACTIVE_SQL})")
 
 
-ENQUEUE = f"""
-WITH input AS (
+# The batch of events as rows, numbered in their order (both enqueues start so).
+_INPUT = """WITH input AS (
     SELECT * FROM unnest(%(id)b::text[], %(trigger)b::text[], %(database)b::text[],
                          %(db_type)b::text[], %(table)b::text[], %(doc_id)b::text[],
                          %(type)b::text[], %(payload)b::bytea[])
         WITH ORDINALITY AS i(id, trigger_name, database_name, db_type, table_name, doc_id,
                              event_type, payload, ord)
-), fresh AS (
+)"""
+
+ENQUEUE = f"""
+{_INPUT}, fresh AS (
     SELECT i.*, row_number() OVER (PARTITION BY i.trigger_name, i.doc_id ORDER BY i.ord) AS nth
     FROM input i
     WHERE (SELECT x.seq FROM {{schema}}.events x WHERE x.id = i.id) IS NULL
@@ -137,13 +140,7 @@ FROM (SELECT count(*) AS n FROM inserted) c
 # row in the batch are all held or none (if held, the earlier ones are ours).
 # Other workers are notified only of events left pending.
 ENQUEUE_HELD = f"""
-WITH input AS (
-    SELECT * FROM unnest(%(id)b::text[], %(trigger)b::text[], %(database)b::text[],
-                         %(db_type)b::text[], %(table)b::text[], %(doc_id)b::text[],
-                         %(type)b::text[], %(payload)b::bytea[])
-        WITH ORDINALITY AS i(id, trigger_name, database_name, db_type, table_name, doc_id,
-                             event_type, payload, ord)
-), keys AS (
+{_INPUT}, keys AS (
     SELECT DISTINCT i.trigger_name, coalesce('=' || i.doc_id, '') AS row_key FROM input i
 ), rows AS (
     -- Once per row, not per event: the second walk is as long as the row's
