@@ -21,10 +21,13 @@ import pytest
 from testsupport.ports import free_port
 from testsupport.servers import MariaDBServer, PostgresServer
 
-# As written in the config: "@", ":", "/" and "%40" unescaped.
+# As written in the config: "@", ":", "/" and "%40" unescaped. A raw "/" cuts the
+# URL's host part short, so such a URL is refused before any driver sees it.
 SECRET = "Xy7q@Zsec:ret9/pw%40Q99"
+# Raw "@" and ":" only: the launcher encodes the "@" and the drivers connect.
+READABLE = "Ab3d@Ef6h:Ij9k"
 # Every piece a driver could quote on its own, as written and percent-decoded.
-PIECES = ("Xy7q", "Zsec", "ret9", "pw%40Q99", "pw@Q99")
+PIECES = ("Xy7q", "Zsec", "ret9", "pw%40Q99", "pw@Q99", "Ab3d", "Ef6h", "Ij9k")
 HOOK = "https://hook:Tok3nPass@hooks.example.com/x?token=QueryTok99"
 
 COMMANDS = (("check",), ("run",), ("status",), ("status", "--json"), ("events", "list"),
@@ -59,7 +62,7 @@ def write(tmp_path: Path, db_type: str, url: str, store: str = "sqlite:///ev.db"
 ])
 def test_unreachable_source_never_shows_the_password(tmp_path: Path, db_type: str,
                                                      scheme: str, query: str) -> None:
-    url = f"{scheme}://app:{SECRET}@127.0.0.1:{free_port()}/app{query}"
+    url = f"{scheme}://app:{READABLE}@127.0.0.1:{free_port()}/app{query}"
     config = write(tmp_path, db_type, url)
     for command in COMMANDS:
         code, out = dbevents(config, *command)
@@ -68,6 +71,12 @@ def test_unreachable_source_never_shows_the_password(tmp_path: Path, db_type: st
             assert code == 0 and f"app: {db_type} {scheme}://app:***@127.0.0.1:" in out, out
         if command == ("run",):
             assert code != 0 and "error: " in out, out  # says what went wrong
+    # A raw "/" in the password: every command refuses the URL and says how to fix it.
+    config = write(tmp_path, db_type, f"{scheme}://app:{SECRET}@127.0.0.1:1/app{query}")
+    for command in COMMANDS:
+        code, out = dbevents(config, *command)
+        assert_no_secret(out)
+        assert code == 2 and "databases.app.url: " in out and "%2F for /" in out, out
 
 
 def test_unreachable_postgres_store_never_shows_the_password(tmp_path: Path) -> None:
@@ -88,7 +97,7 @@ def test_postgres_user_with_such_a_password(tmp_path: Path, postgres_server: Pos
                                             pg_database: str) -> None:
     user = postgres_server.create_password_user(f"u_{pg_database}", SECRET)
     port = postgres_server.port
-    # Unescaped, libpq takes the userinfo to the first "@" and quotes the rest.
+    # Unescaped: refused before libpq could take the userinfo to the first "@".
     config = write(tmp_path, "postgres", f"postgresql://{user}:{SECRET}@127.0.0.1:{port}/"
                    f"{pg_database}")
     for command in COMMANDS:
@@ -135,4 +144,24 @@ def test_status_says_a_database_is_down(tmp_path: Path) -> None:
                    f"{free_port()}/app")
     code, out = dbevents(config, "status")
     assert code == 0 and "probe=unreachable: connection refused" in out, out
+    assert_no_secret(out)
+
+
+def test_raw_at_and_colon_in_a_password_connect(tmp_path: Path, postgres_server: PostgresServer,
+                                                pg_database: str, mariadb_server: MariaDBServer,
+                                                mariadb_database: str) -> None:
+    # libpq alone would end the user part at the first "@" and dial "Ef6h" as a host.
+    user = postgres_server.create_password_user(f"r_{pg_database}", READABLE)
+    url = f"postgresql://{user}:{READABLE}@127.0.0.1:{postgres_server.port}/{pg_database}"
+    config = write(tmp_path, "postgres", url, store=url)
+    code, out = dbevents(config, "status")
+    assert code == 0 and "probe=" not in out.split("SOURCE", 1)[1], out
+    assert_no_secret(out)
+    mysql_user = f"r{mariadb_database[-8:]}"
+    mariadb_server.execute(f"CREATE USER '{mysql_user}'@'%%' IDENTIFIED BY %s", (READABLE,))
+    mariadb_server.execute(f"GRANT ALL ON *.* TO '{mysql_user}'@'%'")
+    config = write(tmp_path, "mysql", f"mysql://{mysql_user}:{READABLE}@127.0.0.1:"
+                   f"{mariadb_server.port}/{mariadb_database}")
+    code, out = dbevents(config, "status")
+    assert code == 0 and "probe=" not in out.split("SOURCE", 1)[1], out
     assert_no_secret(out)

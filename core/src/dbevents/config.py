@@ -29,6 +29,7 @@ from dbevents.protocols import (
     source_operations,
     target_validator,
 )
+from dbevents.urls import normalize_userinfo
 from dbevents.values import DEFAULT_OPERATIONS, Operation, Trigger
 
 DEFAULT_STORE = "sqlite:///dbevents.db"
@@ -296,6 +297,7 @@ def _eventing(raw: dict[str, Any], path: Path | None) -> EventingConfig:
             f"expected a URL such as 'sqlite:///dbevents.db' or 'postgresql://...', got {store!r}",
             path="eventing.store",
         )
+    store = normalize_userinfo(store, "eventing.store")
     source_id = raw.get("source_id")
     if source_id is not None:
         source_id = coerce(str, source_id, "eventing.source_id")
@@ -356,7 +358,7 @@ def _databases(raw: dict[str, Any], plugins: Plugins) -> dict[str, DatabaseConfi
             ) from None
         if "url" not in table:
             raise ConfigError("required key 'url' is missing", path=_join(p, "url"))
-        url = coerce(str, table["url"], _join(p, "url"))
+        url = normalize_userinfo(coerce(str, table["url"], _join(p, "url")), _join(p, "url"))
         extra = {k: v for k, v in table.items() if k not in _DATABASE_KEYS}
         cls = options_class(source)
         if cls is None:
