@@ -264,6 +264,7 @@ async def metrics(request: web.Request) -> web.Response:
         await asyncio.wait_for(found.refresh_queue(_ctx(request)), STORE_TIMEOUT)
     except Exception as exc:
         log.warning("queue depth not read for /metrics", error=str(exc) or type(exc).__name__)
+    found.refresh_lag()
     return web.Response(body=generate_latest(found.registry),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
