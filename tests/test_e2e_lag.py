@@ -1,13 +1,18 @@
 """How far behind capture is, with MariaDB: `dbevents status` while the worker is
-stopped, and the admin service's lag metrics while capture is held back (the
-eventing DB locked by another writer) and once it has caught up. Real processes
+stopped, the admin service's lag metrics while capture is held back (the
+eventing DB locked by another writer) and once it has caught up, and
+`dbevents console`'s lag metrics beside a stopped worker. Real processes
 and servers throughout: `dbevents run`, a private MariaDB, the SQLite eventing
 DB, a webhook receiver; /metrics parsed with prometheus-client's parser."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 import tomllib
 import urllib.request
@@ -150,3 +155,47 @@ def test_lag_seconds_grow_while_capture_is_held_back(
                          and lag(admin, "dbevents_source_lag_seconds") == 0)
     finally:
         run.stop()
+
+
+def test_console_exports_the_lag_of_a_stopped_worker(
+        shop: tuple[Path, Callable[[str], Any]], receiver: ThreadedReceiver,
+        tmp_path: Path) -> None:
+    config, sql = shop
+    run = Dbevents(config).start()
+    try:
+        wait_until("caught up", lambda: status(config).get("lag_bytes") == 0)
+    finally:
+        run.stop()
+    sql("INSERT INTO items VALUES (1, 'a'), (2, 'b')")
+
+    port = free_port()
+    log = (tmp_path / "console.log").open("wb")
+    console = subprocess.Popen(
+        [sys.executable, "-m", "dbevents.cli", "--config", str(config), "--log-format",
+         "json", "console", "--listen", f"127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if k != "DBEVENTS_CONFIG"})
+    admin = Admin(base=f"http://127.0.0.1:{port}", config=config, receiver=receiver,
+                  sql=sql, process=run)
+    try:
+        def behind() -> bool:
+            try:
+                return (lag(admin, "dbevents_source_lag_bytes") or 0) > 0
+            except OSError:
+                return False  # not listening yet
+
+        wait_until("probed", behind)
+        # Behind since before the console started: nothing tells since when.
+        assert lag(admin, "dbevents_source_lag_seconds") is None
+
+        run = Dbevents(config).start()
+        try:
+            wait_until("delivered", lambda: len(receiver.requests("/hook")) == 2)
+            wait_until("caught up", lambda: lag(admin, "dbevents_source_lag_bytes") == 0
+                       and lag(admin, "dbevents_source_lag_seconds") == 0)
+        finally:
+            run.stop()
+    finally:
+        console.send_signal(signal.SIGTERM)
+        assert console.wait(30) == 0
+        log.close()

@@ -380,9 +380,9 @@ def build_app(context: ServiceContext, options: Options,
     app[CONTEXT] = context
     app[OPTIONS] = options
     app[ENGINE] = found is not None
-    # Without an engine (console) the counters stay at zero; the queue and
-    # process facts are still served.
-    app[METRICS] = found if found is not None else AdminMetrics(context)
+    # Without an engine (console) the counters stay at zero; the queue, the
+    # sources' lag (from their probes) and the process facts are still served.
+    app[METRICS] = found if found is not None else AdminMetrics(context, engine=False)
     app.add_routes([
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),

@@ -68,9 +68,12 @@ class AdminMetrics:
     """The [admin] service's observer (registered as "admin"): active only in a
     `dbevents run` whose config has the [admin] table."""
 
-    def __init__(self, context: ObserverContext) -> None:
+    def __init__(self, context: ObserverContext, engine: bool = True) -> None:
         self.active = "admin" in context.config.services
-        self.started = time.time()
+        # With an engine, capture has run since now: a source never yet found
+        # caught up is behind by at least the time since. Without one (console)
+        # nothing says since when, and its lag is left out until a probe tells.
+        self.since: float | None = time.time() if engine else None
         self.sources: dict[str, SourceState] = {name: SourceState()
                                                 for name in context.config.databases}
         self.registry = r = CollectorRegistry(auto_describe=True)
@@ -223,8 +226,8 @@ class AdminMetrics:
             # when the last change was captured.
             return state.captured_lag
         known = max((t for t in (state.last_commit, state.caught_up_at) if t is not None),
-                    default=self.started)
-        return max(0.0, now - known)
+                    default=self.since)
+        return None if known is None else max(0.0, now - known)
 
     async def poll(self, ctx: ServiceContext) -> None:
         while True:
