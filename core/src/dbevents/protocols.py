@@ -420,8 +420,8 @@ class Observer(Protocol):
 
     def captured(self, database: str, changes: Sequence[Change], events: Sequence[Event],
                  lag_seconds: float) -> None:
-        """Changes read from ``database`` and the events they matched, about to
-        be confirmed; ``lag_seconds``: now minus the commit time of the last."""
+        """Changes read from ``database`` and the events they matched, stored and
+        confirmed; ``lag_seconds``: now minus the commit time of the last."""
 
     def stored(self, database: str, new_events: int, checkpoint: Position | None) -> None:
         """The batch is committed to the store: ``new_events`` were not there yet."""
@@ -562,6 +562,7 @@ class Service(Protocol):
 
 __all__ = [
     "DATABASE_KEYS",
+    "LAG_FACTS",
     "OBSERVER_MOMENTS",
     "STORE_ROLES",
     "TRIGGER_KEYS",
