@@ -188,6 +188,7 @@ class AdminMetrics:
                                       config_dir=ctx.config.dir,
                                       checkpoint=checkpoints.get(name))
             state.probed = True
+            asked = time.time()  # what the probe finds holds from no earlier than this
             try:
                 facts: Mapping[str, Any] = await asyncio.wait_for(probe(settings),
                                                                   PROBE_TIMEOUT)
@@ -198,7 +199,7 @@ class AdminMetrics:
                 state.facts = None
                 continue
             state.probe_error = None
-            state.facts, state.probed_at = facts, time.time()
+            state.facts, state.probed_at = facts, asked
             if caught_up(facts):
                 state.caught_up_at = state.probed_at
             lag = facts.get("lag_bytes")
