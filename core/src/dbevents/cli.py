@@ -482,7 +482,7 @@ def status(state: State, as_json: bool) -> None:
             probe = status_probe(state.plugins.get("source", db.type))
             if probe is not None:
                 settings = SourceSettings(name=name, url=db.url, options=db.options,
-                                          config_dir=cfg.dir)
+                                          config_dir=cfg.dir, checkpoint=cps.get(name))
                 try:
                     info.update(await probe(settings))
                 except Exception as exc:  # the database may be down; say so, don't fail

@@ -49,6 +49,10 @@ class SourceSettings:
     # going away) is waited for, not refused as a second configuration. Default
     # False: the source may refuse it at start().
     leased: bool = False
+    # The store's checkpoint for this database, given to ``probe_status`` by the
+    # callers that read the store (`dbevents status`, the admin metrics), so a
+    # source whose reader position lives only in the store can measure its lag.
+    checkpoint: Position | None = None
 
 
 @runtime_checkable
@@ -127,10 +131,25 @@ def status_probe(source: object) -> StatusProbe | None:
     (e.g. {"lag_bytes": 123}). It runs in a separate process from the worker,
     without ``start()``: it connects for itself and must not consume changes.
     ``settings.config_dir`` is the config file's folder, against which relative
-    paths in the URL resolve. Default: none; `dbevents status` then shows the
-    checkpoint alone."""
+    paths in the URL resolve; ``settings.checkpoint`` is the store's checkpoint
+    when the caller has read it (else None). Default: none; `dbevents status`
+    then shows the checkpoint alone.
+
+    Every fact is shown by `dbevents status`; these keys also feed metrics
+    (see ``LAG_FACTS``)."""
     probe: StatusProbe | None = getattr(source, "probe_status", None)
     return probe
+
+
+# The probe facts other plugins read (the admin plugin's lag metrics), by key:
+LAG_FACTS = {
+    "lag_bytes": "int: bytes of the database's log between the checkpoint (or the "
+                 "position confirmed to the database) and the log's end",
+    "caught_up": "bool: nothing committed in the database waits to be captured "
+                 "(when absent, lag_bytes == 0 means caught up)",
+    "lag_seconds": "float: how long the oldest change not yet captured has waited, "
+                   "measured by the database's clock (when the source can tell it)",
+}
 
 
 def initial_position(source: object) -> InitialPosition | None:
@@ -401,8 +420,8 @@ class Observer(Protocol):
 
     def captured(self, database: str, changes: Sequence[Change], events: Sequence[Event],
                  lag_seconds: float) -> None:
-        """Changes read from ``database`` and the events they matched, about to
-        be confirmed; ``lag_seconds``: now minus the commit time of the last."""
+        """Changes read from ``database`` and the events they matched, stored and
+        confirmed; ``lag_seconds``: now minus the commit time of the last."""
 
     def stored(self, database: str, new_events: int, checkpoint: Position | None) -> None:
         """The batch is committed to the store: ``new_events`` were not there yet."""
@@ -543,6 +562,7 @@ class Service(Protocol):
 
 __all__ = [
     "DATABASE_KEYS",
+    "LAG_FACTS",
     "OBSERVER_MOMENTS",
     "STORE_ROLES",
     "TRIGGER_KEYS",

@@ -136,9 +136,13 @@ def test_metrics_count_what_the_receiver_saw(running: Admin) -> None:
     assert value(m, "dbevents_source_lag_seconds", database="app") >= 0
     assert value(m, "process_resident_memory_bytes") > 0
 
-    # The replication lag in bytes comes from the polled status probe.
+    # The replication lag in bytes comes from the polled status probe; once it
+    # finds the source has stored all the server sent, the lag in seconds is 0.
     admin.wait_until("probed", lambda: ("dbevents_source_lag_bytes", (("database", "app"),))
                      in scrape(admin))
+    admin.wait_until("caught up", lambda: ("dbevents_source_lag_seconds",
+                                           (("database", "app"),)) in (m := scrape(admin))
+                     and value(m, "dbevents_source_lag_seconds", database="app") == 0)
 
     assert get(admin, "/metrics", token=None)[0] == 401
     assert get(admin, "/metrics", token=TOKEN + "x")[0] == 401

@@ -264,6 +264,7 @@ async def metrics(request: web.Request) -> web.Response:
         await asyncio.wait_for(found.refresh_queue(_ctx(request)), STORE_TIMEOUT)
     except Exception as exc:
         log.warning("queue depth not read for /metrics", error=str(exc) or type(exc).__name__)
+    found.refresh_lag()
     return web.Response(body=generate_latest(found.registry),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -379,9 +380,9 @@ def build_app(context: ServiceContext, options: Options,
     app[CONTEXT] = context
     app[OPTIONS] = options
     app[ENGINE] = found is not None
-    # Without an engine (console) the counters stay at zero; the queue and
-    # process facts are still served.
-    app[METRICS] = found if found is not None else AdminMetrics(context)
+    # Without an engine (console) the counters stay at zero; the queue, the
+    # sources' lag (from their probes) and the process facts are still served.
+    app[METRICS] = found if found is not None else AdminMetrics(context, engine=False)
     app.add_routes([
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),

@@ -1,6 +1,12 @@
 """Metrics and readiness: an observer that counts what the engine does, in its
 own prometheus-client registry, and the polled facts beside it (queue depth by
-status from the store, replication lag from each source's status probe)."""
+status from the store, replication lag from each source's status probe).
+
+How far behind a source is, in seconds, is worked out when /metrics is read:
+capture is known complete up to the later of the commit time of the last change
+captured and the last moment the source's probe found it caught up; the lag is
+now minus that, so it grows while capture is stuck, and it is 0 while the probe
+finds nothing waiting."""
 
 from __future__ import annotations
 
@@ -25,6 +31,16 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
                    60.0, 300.0, 1800.0, 3600.0)
 
 
+def caught_up(facts: Mapping[str, Any]) -> bool:
+    """The probe found nothing waiting: its ``caught_up`` fact, else no bytes of
+    log beyond the checkpoint (dbevents.protocols.LAG_FACTS)."""
+    said = facts.get("caught_up")
+    if isinstance(said, bool):
+        return said
+    lag = facts.get("lag_bytes")
+    return isinstance(lag, int) and not isinstance(lag, bool) and lag == 0
+
+
 def status_class(outcome: Outcome) -> str:
     """2xx/3xx/4xx/5xx by the HTTP status, else timeout or error."""
     if outcome.status_code is not None:
@@ -39,14 +55,25 @@ class SourceState:
     streaming: bool = False
     reason: str = "capture has not started"
     probe_error: str | None = None
+    probed: bool = False  # the source has a status probe, and it was asked
+    facts: Mapping[str, Any] | None = None  # the last probe's answer (None: it failed)
+    probed_at: float = 0.0
+    # Capture is complete up to the later of these (seconds since the epoch).
+    last_commit: float | None = None  # commit time of the last change captured
+    caught_up_at: float | None = None  # when a probe last found nothing waiting
+    captured_lag: float | None = None  # the lag when the last change was captured
 
 
 class AdminMetrics:
     """The [admin] service's observer (registered as "admin"): active only in a
     `dbevents run` whose config has the [admin] table."""
 
-    def __init__(self, context: ObserverContext) -> None:
+    def __init__(self, context: ObserverContext, engine: bool = True) -> None:
         self.active = "admin" in context.config.services
+        # With an engine, capture has run since now: a source never yet found
+        # caught up is behind by at least the time since. Without one (console)
+        # nothing says since when, and its lag is left out until a probe tells.
+        self.since: float | None = time.time() if engine else None
         self.sources: dict[str, SourceState] = {name: SourceState()
                                                 for name in context.config.databases}
         self.registry = r = CollectorRegistry(auto_describe=True)
@@ -72,11 +99,13 @@ class AdminMetrics:
                                  "From the commit in the database to the 2xx answer.",
                                  ["trigger"], buckets=LATENCY_BUCKETS, registry=r)
         self.lag_seconds = Gauge("dbevents_source_lag_seconds",
-                                 "Now minus the commit time of the last change captured, "
-                                 "when it was captured.", ["database"], registry=r)
+                                 "How long the oldest change not yet captured has waited: "
+                                 "0 when the source's probe finds it caught up, else now "
+                                 "minus the last moment capture was known complete.",
+                                 ["database"], registry=r)
         self.lag_bytes = Gauge("dbevents_source_lag_bytes",
-                               "Bytes of log the database keeps beyond the confirmed "
-                               "position (from the source's status probe).",
+                               "Bytes of the database's log between the checkpoint and "
+                               "its end (from the source's status probe).",
                                ["database"], registry=r)
         self.streaming = Gauge("dbevents_source_streaming",
                                "1 while capture from the database runs.", ["database"],
@@ -91,7 +120,12 @@ class AdminMetrics:
                  lag_seconds: float) -> None:
         self.changes.labels(database).inc(len(changes))
         self.matched.labels(database).inc(len(events))
-        self.lag_seconds.labels(database).set(lag_seconds)
+        state = self.sources.setdefault(database, SourceState())
+        state.captured_lag = lag_seconds
+        if changes:
+            committed = changes[-1].time.timestamp()
+            if state.last_commit is None or committed > state.last_commit:
+                state.last_commit = committed
 
     def stored(self, database: str, new_events: int, checkpoint: Position | None) -> None:
         self.stored_.labels(database).inc(new_events)
@@ -137,13 +171,24 @@ class AdminMetrics:
     async def probe_sources(self, ctx: ServiceContext) -> None:
         """Ask each source's status probe for its lag; a probe that fails marks the
         source not ready (the database may be down while the source reconnects)."""
+        try:  # the checkpoints let a source measure its lag (MySQL keeps none itself)
+            checkpoints = await asyncio.wait_for(ctx.store.checkpoints(), PROBE_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("checkpoints not read for the lag metrics",
+                        error=str(exc) or type(exc).__name__)
+            checkpoints = {}
         for name, db in ctx.config.databases.items():
             state = self.sources.setdefault(name, SourceState())
             probe = status_probe(ctx.plugins.get("source", db.type))
             if probe is None:
                 continue
             settings = SourceSettings(name=name, url=db.url, options=db.options,
-                                      config_dir=ctx.config.dir)
+                                      config_dir=ctx.config.dir,
+                                      checkpoint=checkpoints.get(name))
+            state.probed = True
+            asked = time.time()  # what the probe finds holds from no earlier than this
             try:
                 facts: Mapping[str, Any] = await asyncio.wait_for(probe(settings),
                                                                   PROBE_TIMEOUT)
@@ -151,11 +196,39 @@ class AdminMetrics:
                 raise
             except Exception as exc:
                 state.probe_error = f"status probe failed: {str(exc) or type(exc).__name__}"
+                state.facts = None
                 continue
             state.probe_error = None
+            state.facts, state.probed_at = facts, asked
+            if caught_up(facts):
+                state.caught_up_at = state.probed_at
             lag = facts.get("lag_bytes")
-            if isinstance(lag, int):
+            if isinstance(lag, int) and not isinstance(lag, bool):
                 self.lag_bytes.labels(name).set(lag)
+
+    def refresh_lag(self, now: float | None = None) -> None:
+        """Set each source's lag in seconds for this moment (see the module doc)."""
+        now = time.time() if now is None else now
+        for name, state in self.sources.items():
+            lag = self.source_lag(state, now)
+            if lag is not None:
+                self.lag_seconds.labels(name).set(lag)
+
+    def source_lag(self, state: SourceState, now: float) -> float | None:
+        facts = state.facts
+        if facts is not None:
+            if caught_up(facts):
+                return 0.0
+            told = facts.get("lag_seconds")
+            if isinstance(told, int | float) and not isinstance(told, bool):
+                return max(0.0, float(told) + now - state.probed_at)
+        elif not state.probed:
+            # No probe to tell an idle source from a stuck one: the lag as it was
+            # when the last change was captured.
+            return state.captured_lag
+        known = max((t for t in (state.last_commit, state.caught_up_at) if t is not None),
+                    default=self.since)
+        return None if known is None else max(0.0, now - known)
 
     async def poll(self, ctx: ServiceContext) -> None:
         while True:

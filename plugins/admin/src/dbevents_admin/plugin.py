@@ -14,7 +14,7 @@ from aiohttp import web
 from dbevents import DbeventsError, SetupError, hookimpl
 from dbevents.protocols import ServiceContext, Store
 
-from dbevents_admin.app import build_app
+from dbevents_admin.app import METRICS, build_app
 from dbevents_admin.metrics import AdminMetrics
 from dbevents_admin.options import Options as AdminOptions
 
@@ -36,7 +36,8 @@ class AdminService:
         opts = self.options
         found = self.context.observer("admin")
         metrics = found if isinstance(found, AdminMetrics) else None
-        self.runner = web.AppRunner(build_app(self.context, opts, metrics), access_log=None)
+        app = build_app(self.context, opts, metrics)
+        self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         try:
             await web.TCPSite(self.runner, opts.host, opts.port).start()
@@ -51,8 +52,9 @@ class AdminService:
         host = f"[{opts.host}]" if ":" in opts.host else opts.host
         log.info("admin listening", url=f"http://{host}:{opts.port}/",
                  token=opts.bearer is not None)
-        if metrics is not None:
-            self.poller = asyncio.create_task(metrics.poll(self.context), name="admin-metrics")
+        # Under `dbevents console` too: the sources' probes give their lag.
+        self.poller = asyncio.create_task(app[METRICS].poll(self.context),
+                                          name="admin-metrics")
 
     async def close(self) -> None:
         if self.poller is not None:

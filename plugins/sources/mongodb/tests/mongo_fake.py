@@ -56,6 +56,8 @@ class FakeReplicaSet:
         self.commands: list[str] = []
         self.hangup_getmores = 0  # the next N getMores: close the connection instead
         self.hangup_aggregates = 0  # the next N change-stream aggregates: likewise
+        # The logical time commands report (operationTime); None: the clock's now.
+        self.operation_time: Timestamp | None = None
         self._cond = threading.Condition()
         self._cursors: dict[int, int] = {}  # cursor id -> index of its next event
         self._next_cursor = 7000
@@ -156,7 +158,8 @@ class FakeReplicaSet:
             "saslStart": self._sasl, "listDatabases": self._list_databases,
             "listCollections": self._list_collections, "aggregate": self._aggregate,
             "getMore": self._get_more, "killCursors": self._kill_cursors,
-            "endSessions": lambda r: r.reply({}), "ping": lambda r: r.reply({}),
+            "endSessions": lambda r: r.reply({}),
+            "ping": lambda r: r.reply({"operationTime": self._now()}),
         }.get(name)
         if handler is None:
             return request.command_err(59, f"no such command: {name}")
@@ -176,6 +179,9 @@ class FakeReplicaSet:
         elif self.kind == "mongos":
             doc["msg"] = "isdbgrid"
         return request.reply(doc)
+
+    def _now(self) -> Timestamp:
+        return self.operation_time or Timestamp(int(time.time()), len(self.events))
 
     def _sasl(self, request: Any) -> bool:
         if self.auth_fail:
@@ -267,7 +273,7 @@ class FakeReplicaSet:
                     nxt: int) -> dict[str, Any]:
         return {"cursor": {"id": Int64(cursor_id), "ns": f"{DB}.$cmd.aggregate", key: batch,
                            "postBatchResumeToken": token(nxt)},
-                "operationTime": Timestamp(int(time.time()), 0)}
+                "operationTime": self._now()}
 
     def _get_more(self, request: Any) -> bool:
         cursor_id = int(request.doc["getMore"])

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bson import Timestamp
 from click.testing import CliRunner, Result
 from dbevents import ConfigError, Position, SetupError, StoreSettings
 from dbevents.cli import build
@@ -201,3 +202,23 @@ async def test_reset_token_runs_the_startup_checks(
     assert result.exit_code == 2
     assert "rs.initiate()" in result.output
     assert await _checkpoint() is None
+
+
+async def test_status_shows_how_long_the_oldest_waiting_change_has_waited(
+        fake: FakeReplicaSet, tmp_path: Path) -> None:
+    fake.write_orders(3)
+    fake.events[1]["clusterTime"] = Timestamp(1000, 2)  # committed at server time 1000
+    fake.operation_time = Timestamp(1090, 1)  # the server's time now
+    await MemoryStore(StoreSettings(url="memory://e2e")).enqueue(
+        [], {"shop": token_position(token(1))})
+    result = await asyncio.to_thread(_invoke, tmp_path, fake.url(), "status", "--json")
+    assert result.exit_code == 0, result.output
+    shop = json.loads(result.output)["sources"]["shop"]
+    assert shop["checkpoint"] == token_position(token(1)).value
+    assert shop["caught_up"] is False and shop["lag_seconds"] == 90
+
+    await MemoryStore(StoreSettings(url="memory://e2e")).enqueue(
+        [], {"shop": token_position(token(3))})
+    result = await asyncio.to_thread(_invoke, tmp_path, fake.url(), "status")
+    assert result.exit_code == 0, result.output
+    assert "caught_up=True lag_seconds=0.0" in result.output

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from bson import ObjectId
 from click.testing import CliRunner
@@ -368,3 +369,31 @@ class TestRealMongoSourceContract(SourceContract):
         await real.db.command("collMod", "orders",
                               changeStreamPreAndPostImages={"enabled": True})
         return _RealEnv(real)
+
+
+async def test_real_status_probe_lag(real: RealDb) -> None:
+    source = real.source()
+    try:
+        await source.start()
+        before = await source.current_position()
+    finally:
+        await source.close()
+    await real.db.orders.insert_one({"_id": "waiting"})
+
+    async def probe(checkpoint: Position) -> dict[str, Any]:
+        settings = attrs.evolve(real.source().settings, checkpoint=checkpoint)
+        return dict(await MongoSource.probe_status(settings))
+
+    behind = await probe(before)
+    assert behind["caught_up"] is False and behind["lag_seconds"] >= 0
+    reader = real.source()
+    try:
+        await reader.start()
+        it = reader.changes(before).__aiter__()
+        batches = await next_batches(it, 1, 20)
+        await it.aclose()  # type: ignore[attr-defined]
+    finally:
+        await reader.close()
+    # The change's own checkpoint: nothing after it in this database.
+    cps = [b.checkpoint for b in batches if b.checkpoint is not None]
+    assert (await probe(cps[-1]))["caught_up"] is True

@@ -334,6 +334,29 @@ async def test_status_reports_the_slot_lag(pg: PgEnv) -> None:
     json.dumps(after)  # fit for `dbevents status --json`
 
 
+async def test_status_says_whether_the_reader_has_stored_all_it_was_sent(pg: PgEnv) -> None:
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    source = await pg.started(tables=["t"])
+    pg.execute("INSERT INTO t VALUES (1), (2), (3)")
+    status = await type(source).probe_status(source.settings)
+    assert "caught_up" not in status  # no reader: the bytes alone tell (lag_bytes)
+    reader = pg.reader(source)
+    await reader.until(3)  # read, not confirmed: the engine has not stored it yet
+    status = await type(source).probe_status(source.settings)
+    assert status["slot_active"] is True and status["caught_up"] is False
+    await source.confirm(reader.checkpoints[-1])
+    pending = asyncio.create_task(reader.next_batch(60))  # reading on, like the engine
+    try:
+        deadline = time.monotonic() + 15
+        while not (await type(source).probe_status(source.settings)).get("caught_up"):
+            assert time.monotonic() < deadline, "the reader never counted as caught up"
+            await asyncio.sleep(0.1)
+        assert not pending.done()
+    finally:
+        pending.cancel()
+        await asyncio.gather(pending, return_exceptions=True)
+
+
 async def test_a_slot_dropped_under_a_running_source_is_a_setup_error(pg: PgEnv) -> None:
     pg.execute("CREATE TABLE t (id int PRIMARY KEY)")
     source = await pg.started(tables=["t"])

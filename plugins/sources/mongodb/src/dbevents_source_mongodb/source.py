@@ -5,6 +5,12 @@ Positions are resume tokens. Every batch carries the token of its last event as
 its checkpoint, so a restart resumes right after what the store holds. MongoDB
 keeps no per-reader state (nothing like a replication slot), so ``confirm`` has
 nothing to tell the server: the store's checkpoint alone is the reader's state.
+
+How far behind a checkpoint is, the status probe asks the server itself: it opens
+a change stream after the checkpoint and looks at the first change there (none:
+caught up; else its cluster time against the server's). The token stays opaque
+and the stored checkpoint format unchanged; and an idle database is not "behind"
+however old its last change is.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import attrs
@@ -44,6 +50,7 @@ from dbevents_source_mongodb.decode import (
     SERVER_OPERATIONS,
     Token,
     describe,
+    event_time,
     position_token,
     to_change,
     token_position,
@@ -57,6 +64,7 @@ BACKOFF_FIRST = 0.5  # seconds before the first reconnect; doubles up to BACKOFF
 BACKOFF_MAX = 30.0
 MAX_FAILURES = 8  # reconnects in a row before giving up to the engine (~90 s)
 DEFAULT_SELECTION_TIMEOUT_MS = 10000
+PROBE_AWAIT_MS = 200  # how long the status probe's one getMore waits for a change
 
 
 def masked(url: str) -> str:
@@ -138,6 +146,48 @@ class MongoSource:
             return AsyncMongoClient(self.settings.url, **kwargs)
         except (ConfigurationError, ValueError, TypeError) as exc:
             raise SetupError(f"invalid MongoDB URL {self.where}: {exc}") from None
+
+    @classmethod
+    async def probe_status(cls, settings: SourceSettings) -> dict[str, Any]:
+        """For `dbevents status` and the metrics, given the store's checkpoint:
+        whether a change waits after it (``caught_up``) and, if one does, how long
+        it has waited by the server's clock (``lag_seconds``). Reads only: a change
+        stream opened and closed, nothing consumed."""
+        source = cls(settings)
+        client = source._make_client()
+        try:
+            try:
+                pong = await client.admin.command("ping")
+            except PyMongoError as exc:
+                raise checks.connect_error(exc, source.where) from None
+            now = server_time(pong)
+            facts: dict[str, Any] = {"server_time": iso_utc(now.as_datetime())}
+            if settings.checkpoint is None:
+                return facts
+            try:
+                token = position_token(settings.checkpoint, settings.name)
+            except SetupError:
+                return facts  # another type's checkpoint: the reader says so
+            try:
+                stream = await client[source._database_name(client)].watch(
+                    source.pipeline(), start_after=token, max_await_time_ms=PROBE_AWAIT_MS,
+                    batch_size=1, comment="dbevents status")
+                async with stream:
+                    waiting = await stream.try_next()
+            except OperationFailure as exc:  # e.g. the checkpoint fell off the oplog
+                facts.update(caught_up=False, resume=str(exc).splitlines()[0])
+                return facts
+            if waiting is None:
+                facts.update(caught_up=True, lag_seconds=0.0)
+                return facts
+            facts["caught_up"] = False
+            facts["oldest_waiting"] = iso_utc(event_time(waiting))
+            committed = waiting.get("clusterTime")
+            if isinstance(committed, Timestamp):
+                facts["lag_seconds"] = float(max(0, now.time - committed.time))
+            return facts
+        finally:
+            await client.close()
 
     def _database_name(self, client: AsyncMongoClient[dict[str, Any]]) -> str:
         if self.options.database:
@@ -395,6 +445,18 @@ class MongoSource:
             "reconnects": self.reconnects,
             "last_event_time": iso_utc(self.last_event_time) if self.last_event_time else None,
         }
+
+
+def server_time(reply: Mapping[str, Any]) -> Timestamp:
+    """The server's logical time from a command's reply (``operationTime``, else
+    ``$clusterTime``); this machine's clock when the server gives neither."""
+    found = reply.get("operationTime")
+    if not isinstance(found, Timestamp):
+        cluster = reply.get("$clusterTime")
+        found = cluster.get("clusterTime") if isinstance(cluster, Mapping) else None
+    if isinstance(found, Timestamp):
+        return found
+    return Timestamp(int(datetime.now(UTC).timestamp()), 0)
 
 
 async def _pump(stream: AsyncChangeStream[dict[str, Any]], queue: asyncio.Queue[_Item]) -> None:

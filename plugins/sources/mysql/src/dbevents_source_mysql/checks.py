@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -271,6 +272,23 @@ def current_position(conn: pymysql.connections.Connection[Any]) -> BinlogPositio
 def binlog_files(conn: pymysql.connections.Connection[Any]) -> dict[str, int]:
     """Binlog files still on the server, oldest first, with their sizes."""
     return {str(r[0]): int(r[1]) for r in _query(conn, "SHOW BINARY LOGS")}
+
+
+def bytes_between(files: Mapping[str, int], start: BinlogPosition,
+                  end: BinlogPosition) -> int | None:
+    """Bytes of binlog from ``start`` to ``end``, across the files between them
+    (``files``: SHOW BINARY LOGS, oldest first, with sizes). None when ``start``'s
+    file is no longer on the server."""
+    names = list(files)
+    if start.file not in files or end.file not in files:
+        return None
+    first, last = names.index(start.file), names.index(end.file)
+    if first == last:
+        return max(0, end.pos - start.pos)
+    if first > last:
+        return 0  # read after a rotation the end query did not see yet
+    between = sum(files[n] for n in names[first + 1:last])
+    return max(0, files[start.file] - start.pos) + between + end.pos
 
 
 def earliest_position(conn: pymysql.connections.Connection[Any]) -> BinlogPosition:

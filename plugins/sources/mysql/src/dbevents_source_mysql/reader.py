@@ -47,6 +47,7 @@ QUERY = 0x02
 ROTATE = 0x04
 FORMAT_DESCRIPTION = 0x0F
 XID = 0x10
+HEARTBEAT = 0x1B
 TABLE_MAP = 0x13
 WRITE_V1, UPDATE_V1, DELETE_V1 = 0x17, 0x18, 0x19
 WRITE_V2, UPDATE_V2, DELETE_V2 = 0x1E, 0x1F, 0x20
@@ -386,6 +387,17 @@ class BinlogReader:
                     if txn:
                         out.extend(txn)
                         txn = []
+                elif etype == HEARTBEAT:
+                    # The server has sent all it has, up to here: with no transaction
+                    # open, a point between transactions. The checkpoint moves to it,
+                    # so an idle reader ends where the binlog ends, past a rotation
+                    # too (its lag in bytes is then 0, for the metrics).
+                    at = header(data, b + 1)[4]
+                    if (not in_txn and not txn and gtid is None and at >= 4
+                            and data[b + 20:e - checksum] == file.encode()):
+                        last = out_at or (self.resume.file, self.resume.pos)
+                        if file != last[0] or at > last[1]:
+                            out_at = (file, at, None)
                 elif etype == ROTATE:
                     file = data[b + 28:e - checksum].decode()
                     if u32(data, b + 1)[0]:  # a timestamp: a real rotation, not the dump's first

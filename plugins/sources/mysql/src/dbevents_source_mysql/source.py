@@ -209,22 +209,37 @@ class MysqlSource:
 
     @classmethod
     async def probe_status(cls, settings: SourceSettings) -> dict[str, Any]:
-        """For `dbevents status`: the server's binlog end and the oldest file kept,
-        which a checkpoint must not fall behind."""
+        """For `dbevents status` and the metrics: the server's binlog end, the
+        oldest file kept (a checkpoint must not fall behind it) and, given the
+        store's checkpoint, the bytes of binlog between it and the end."""
         opts: MysqlOptions = settings.options or MysqlOptions()
         url = settings.url
         params = parse_url(url)
+        checkpoint: BinlogPosition | None = None
+        if settings.checkpoint is not None:
+            with contextlib.suppress(ValueError):  # another type's: the reader says so
+                checkpoint = BinlogPosition.from_position(settings.checkpoint)
 
         def probe() -> dict[str, Any]:
             conn = checks.connect(params, opts.connect_timeout, url)
             try:
+                # The end first: every file up to it is then in the listing.
+                end = checks.current_position(conn)
                 files = checks.binlog_files(conn)
-                return {"server_position": str(checks.current_position(conn)),
-                        "oldest_binlog": next(iter(files), None),
-                        "binlog_bytes": sum(files.values())}
             finally:
                 with contextlib.suppress(Exception):
                     conn.close()
+            facts: dict[str, Any] = {"server_position": str(end),
+                                     "oldest_binlog": next(iter(files), None),
+                                     "binlog_bytes": sum(files.values())}
+            if checkpoint is not None:
+                behind = checks.bytes_between(files, checkpoint, end)
+                if behind is None:  # its file was purged: capture cannot resume
+                    facts["caught_up"] = False
+                else:
+                    facts["lag_bytes"] = behind
+                    facts["caught_up"] = behind == 0
+            return facts
 
         return await asyncio.to_thread(probe)
 

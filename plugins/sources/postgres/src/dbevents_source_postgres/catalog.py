@@ -42,6 +42,18 @@ async def slot_info(conn: Conn, slot: str) -> SlotInfo | None:
     return SlotInfo(*row) if row else None
 
 
+async def sender_caught_up(conn: Conn, slot: str) -> bool | None:
+    """Whether the slot's reader has confirmed all the WAL its walsender sent:
+    then nothing decoded waits in the reader. None when no walsender holds the
+    slot or its positions are hidden from this user."""
+    cur = await conn.execute(
+        "SELECT s.confirmed_flush_lsn >= r.sent_lsn FROM pg_replication_slots s"
+        " JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = %s",
+        (slot,))
+    row = await cur.fetchone()
+    return None if row is None or row[0] is None else bool(row[0])
+
+
 async def lookup_types(conn: Conn, oids: Iterable[int]) -> list[TypeInfo]:
     cur = await conn.execute(
         "SELECT oid::int, typtype, typcategory, typelem::int, typbasetype::int, typdelim"

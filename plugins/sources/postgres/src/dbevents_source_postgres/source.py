@@ -59,6 +59,7 @@ from dbevents_source_postgres.types import TypeRegistry
 log = structlog.get_logger("dbevents.source.postgres")
 
 DB_TYPE = "sql-postgres"
+CAUGHT_UP_RECHECK = 0.5  # seconds before a probe looks again at a reader found behind
 
 # SQLSTATE classes/codes that no reconnect will fix: a dropped slot or
 # publication, an invalidated slot, lost privileges, bad credentials.
@@ -221,7 +222,18 @@ class PostgresSource:
         slot = slot_name(settings.name, settings.options)
         conn = await catalog.connect(settings.url, 5)
         try:
-            return _slot_status(slot, await catalog.slot_info(conn, slot))
+            info = await catalog.slot_info(conn, slot)
+            facts = _slot_status(slot, info)
+            if info is not None and info.active:
+                # The reader answers a keepalive within moments: a first look that
+                # finds it behind is taken again before it counts.
+                caught = await catalog.sender_caught_up(conn, slot)
+                if caught is False:
+                    await asyncio.sleep(CAUGHT_UP_RECHECK)
+                    caught = await catalog.sender_caught_up(conn, slot)
+                if caught is not None:
+                    facts["caught_up"] = caught
+            return facts
         finally:
             await conn.close()
 
