@@ -196,8 +196,9 @@ class BinlogReader:
                     # to standby, or takes the lease again if it is still ours.
                     raise CaptureLost(
                         f"{mask_dsn(cfg.url)}: another binlog reader with server_id "
-                        f"{cfg.server_id} connected (the process that took the capture "
-                        f"over); this one stopped reading at {self.resume}") from None
+                        f"{cfg.server_id} connected and the server ended this one's dump "
+                        f"(the process that took the capture over, or a `dbevents check "
+                        f"--connect`); stopped reading at {self.resume}") from None
                 if checks.replaced(exc):
                     pass  # not a lost binlog: reconnect below, as after any drop
                 elif code == checks.ER_MASTER_FATAL_READING_BINLOG:
