@@ -34,6 +34,7 @@ from dbevents.protocols import (
     StoreRole,
     TriggerStats,
     capture_leasing,
+    in_flight_counts,
     status_probe,
     trigger_pauses,
 )
@@ -459,7 +460,8 @@ def events_purge(state: State, older: str, status: tuple[str, ...],
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def status(state: State, as_json: bool) -> None:
-    """Per trigger: event counts by status; per source: checkpoint and lag."""
+    """Per trigger: event counts by status; per source: checkpoint and lag; per
+    worker (a shared store): the events it holds in flight."""
     cfg = _config_or_fail(state)
 
     async def body(store: Store) -> Any:
@@ -488,9 +490,21 @@ def status(state: State, as_json: bool) -> None:
                 except Exception as exc:  # the database may be down; say so, don't fail
                     info["probe"] = _probe_failure(exc)
             sources[name] = info
-        return stats, paused, sources
+        # Per worker: events it holds leased now, and the sources it captures
+        # (a capturing worker shows with none in flight too).
+        counting = in_flight_counts(store)
+        workers: dict[str, dict[str, Any]] = {}
+        if counting is not None:
+            for worker, n in (await counting.in_flight()).items():
+                workers[worker] = {"worker": worker, "in_flight": n, "captures": []}
+            for name, lease in sorted(leases.items()):
+                if lease.live:
+                    workers.setdefault(lease.holder, {"worker": lease.holder, "in_flight": 0,
+                                                      "captures": []})["captures"].append(name)
+        return stats, paused, sources, [workers[w] for w in sorted(workers)] \
+            if counting is not None else None
 
-    stats, paused, sources = run_async(with_store(state, body))
+    stats, paused, sources, workers = run_async(with_store(state, body))
 
     def since(trigger: str) -> str | None:
         moment = paused.get(trigger)
@@ -502,7 +516,8 @@ def status(state: State, as_json: bool) -> None:
                           "delivering": s.delivering, "delivered": s.delivered,
                           "failed": s.failed, "paused_since": since(s.trigger)}
                          for s in stats],
-            "sources": sources}, indent=2)))
+            "sources": sources,
+            **({"workers": workers} if workers is not None else {})}, indent=2)))
         return
     click.echo(f"{'TRIGGER':<24} {'PENDING':>8} {'DELIVERING':>10} {'DELIVERED':>10} "
                f"{'FAILED':>7}  STATE")
@@ -517,6 +532,14 @@ def status(state: State, as_json: bool) -> None:
         extra = " ".join(f"{k}={v}" for k, v in info.items() if k not in ("type", "checkpoint"))
         click.echo(scrub(f"{name[:24]:<24} {info['type']:<10} {info['checkpoint']} "
                          f"{extra}".rstrip()))
+    if workers is not None:
+        click.echo("")
+        click.echo(f"{'WORKER':<40} {'IN FLIGHT':>9}  CAPTURES")
+        for w in workers:
+            click.echo(f"{w['worker']:<40} {w['in_flight']:>9}  "
+                       f"{', '.join(w['captures']) or '-'}")
+        if not workers:
+            click.echo("(none holds events or captures right now)")
 
 
 # What a driver's error text says when the database is not there at all.

@@ -39,6 +39,7 @@ from dbevents.protocols import (
     StoreRole,
     StoreSettings,
     capture_leasing,
+    in_flight_counts,
     initial_position,
 )
 from dbevents.services import make_services
@@ -80,7 +81,11 @@ class Engine:
         # A store that keeps capture leases lets several processes share the
         # config: each source is captured by whichever holds its lease.
         self.leases: LeasesCapture | None = capture_leasing(self.store)
-        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # The store's name for this worker when it has one: one name per process
+        # in `dbevents status`, for the events it holds and the leases.
+        counting = in_flight_counts(self.store)
+        self.holder = counting.worker_id if counting is not None else \
+            f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.sinks: dict[str, Sink] = dict(sinks or {})
         for trigger in config.triggers:
             if trigger.sink not in self.sinks:

@@ -525,6 +525,32 @@ def trigger_pauses(store: object) -> PausesTriggers | None:
     return store if isinstance(store, PausesTriggers) else None
 
 
+# -- Optional: per-worker in-flight counts, for `dbevents status` -------------------
+
+
+@runtime_checkable
+class CountsInFlight(Protocol):
+    """Optional on a store shared by several processes (read with getattr).
+    Default, for a store without it: `dbevents status` shows no workers, and
+    the engine names itself (its capture-lease holder) on its own."""
+
+    # The name this store instance leases events under (``claim``,
+    # ``enqueue_held``, ``renew``). The engine uses it as its capture-lease
+    # holder too, so a process has one name wherever `dbevents status` shows it.
+    worker_id: str
+
+    async def in_flight(self) -> dict[str, int]:
+        """Per worker name: how many events it holds leased now (delivering,
+        the lease not run out by the store's clock). Workers holding none are
+        left out."""
+        ...
+
+
+def in_flight_counts(store: object) -> CountsInFlight | None:
+    """The store's per-worker in-flight counts, or None when it keeps none."""
+    return store if isinstance(store, CountsInFlight) else None
+
+
 class ServiceContext(Protocol):
     """What a service is handed: the open store, the config, the plugins."""
 
@@ -568,6 +594,7 @@ __all__ = [
     "TRIGGER_KEYS",
     "CaptureLease",
     "ChangeBatch",
+    "CountsInFlight",
     "EventFilter",
     "FindsEventIds",
     "LeasesCapture",
@@ -588,6 +615,7 @@ __all__ = [
     "StoreSettings",
     "TriggerStats",
     "capture_leasing",
+    "in_flight_counts",
     "initial_position",
     "observer_active",
     "options_class",

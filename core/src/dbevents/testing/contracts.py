@@ -27,6 +27,7 @@ from dbevents.protocols import (
     Source,
     SourceSettings,
     Store,
+    in_flight_counts,
     options_class,
     status_probe,
     trigger_pauses,
@@ -369,6 +370,30 @@ class StoreContract:
         assert await other.paused_triggers() == {"t": since}
         await pauses.set_trigger_paused("t", None)
         assert await other.paused_triggers() == {}
+
+
+    async def test_in_flight_counts_each_workers_live_leases(
+            self, store: Store, open_store: Callable[..., Awaitable[Store]]) -> None:
+        mine = in_flight_counts(store)
+        if mine is None:
+            pytest.skip("the store keeps no per-worker in-flight counts (optional)")
+        other = await open_store(role="worker")
+        theirs = in_flight_counts(other)
+        assert theirs is not None and theirs.worker_id != mine.worker_id
+        a, b, c, d = (make_event(doc_id=str(i)) for i in range(4))
+        assert len(await store.enqueue_held([a, b], {}, self.LEASE)) == 2
+        await other.enqueue([c], {})
+        assert [e.id for e in await self._claim_all(other)] == [c.id]
+        # A lease that ran out is nobody's in flight (any worker may claim it).
+        assert len(await store.enqueue_held([d], {}, 0.2)) == 1
+        await asyncio.sleep(0.5)
+        want = {mine.worker_id: 2, theirs.worker_id: 1}
+        assert await mine.in_flight() == want
+        await store.finish([Finish(a.id, _attempt(a, 1, True), Status.DELIVERED)])
+        await other.release([c.id])
+        admin = in_flight_counts(await open_store(role="admin"))  # `dbevents status`
+        assert admin is not None
+        assert await admin.in_flight() == {mine.worker_id: 1}
 
 
 class SourceContract:

@@ -26,6 +26,7 @@ ER_SPECIFIC_ACCESS_DENIED = 1227
 ER_TABLEACCESS_DENIED = 1142
 ER_COLUMNACCESS_DENIED = 1143
 ER_MASTER_FATAL_READING_BINLOG = 1236  # purged / missing binlog file, bad position
+ER_SLAVE_SAME_ID = 4052  # MariaDB: a reader with this server_id connected after us
 ER_PARSE_ERROR = 1064
 COM_BINLOG_DUMP = 0x12
 BINLOG_DUMP_NON_BLOCK = 0x01
@@ -296,6 +297,17 @@ def earliest_position(conn: pymysql.connections.Connection[Any]) -> BinlogPositi
     if not files:
         raise SetupError("the server lists no binlog files (is log_bin on?)")
     return BinlogPosition(next(iter(files)), 4)
+
+
+def replaced(exc: BaseException) -> bool:
+    """The server ended our binlog dump because another reader registered with
+    the same server_id (it keeps the newest): MariaDB says so with its own code,
+    MySQL with the fatal-reading code and these words."""
+    if not isinstance(exc, pymysql.err.MySQLError) or not exc.args:
+        return False
+    code, text = exc.args[0], str(exc.args[-1])
+    return code == ER_SLAVE_SAME_ID or (
+        code == ER_MASTER_FATAL_READING_BINLOG and "same server_uuid/server_id" in text)
 
 
 def purged_error(name: str, position: BinlogPosition, detail: str) -> SetupError:

@@ -29,6 +29,7 @@ import pymysql
 import structlog
 from dbevents import Change, Operation, SetupError, SourceUnavailable
 from dbevents.backoff import Backoff
+from dbevents.errors import CaptureLost
 from dbevents.masking import mask_dsn
 
 from dbevents_source_mysql import checks
@@ -105,6 +106,9 @@ class ReaderConfig:
     heartbeat: float
     reconnect_timeout: float
     connect_timeout: float
+    # Capture is coordinated by a lease (SourceSettings.leased): another reader
+    # with our server_id is the process that took the lease over.
+    leased: bool = False
 
 
 class BinlogReader:
@@ -186,7 +190,19 @@ class BinlogReader:
                     return
                 code = exc.args[0] if isinstance(exc, pymysql.err.MySQLError) and exc.args \
                     else None
-                if code == checks.ER_MASTER_FATAL_READING_BINLOG:
+                if cfg.leased and checks.replaced(exc):
+                    # Under a capture lease that reader is the new holder (this
+                    # process was paused past its lease): reconnecting would
+                    # end its dump in turn, so stop here; the engine goes back
+                    # to standby, or takes the lease again if it is still ours.
+                    raise CaptureLost(
+                        f"{mask_dsn(cfg.url)}: another binlog reader with server_id "
+                        f"{cfg.server_id} connected and the server ended this one's dump "
+                        f"(the process that took the capture over, or a `dbevents check "
+                        f"--connect`); stopped reading at {self.resume}") from None
+                if checks.replaced(exc):
+                    pass  # not a lost binlog: reconnect below, as after any drop
+                elif code == checks.ER_MASTER_FATAL_READING_BINLOG:
                     detail = exc.args[1] if len(exc.args) > 1 else str(exc)
                     raise checks.purged_error(cfg.name, self.resume,
                                               f"the server says: {detail}") from None

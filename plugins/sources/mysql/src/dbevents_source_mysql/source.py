@@ -63,7 +63,7 @@ class MysqlSource:
             operations=ops, batch_size=self.options.batch_size,
             heartbeat=self.options.heartbeat,
             reconnect_timeout=self.options.reconnect_timeout,
-            connect_timeout=self.options.connect_timeout,
+            connect_timeout=self.options.connect_timeout, leased=settings.leased,
         )
         self.server: checks.ServerInfo | None = None
         self.confirmed: Position | None = None

@@ -13,6 +13,7 @@ from psycopg import sql
 
 from dbevents_store_postgres.eventqueue import Conn, Statements, fix_heads, lock_queue
 from dbevents_store_postgres.rows import (
+    ACTIVE_SQL,
     ATTEMPT_COLUMNS,
     EVENT_COLUMNS,
     FINISHED,
@@ -144,6 +145,17 @@ async def stats(conn: Conn, q: Statements) -> list[TriggerStats]:
             "GROUP BY trigger_name, status", q.loc.schema))).fetchall():
         counts.setdefault(trigger, {})[status] = n
     return [TriggerStats(trigger=t, **c) for t, c in sorted(counts.items())]
+
+
+async def in_flight(conn: Conn, q: Statements) -> dict[str, int]:
+    """Per worker: its delivering events whose lease has not run out by the
+    server's clock (one that ran out is anybody's to claim). Written to walk
+    the active events only (events_active), not the finished log."""
+    rows = await (await conn.execute(render(
+        f"SELECT worker, count(*) FROM {{schema}}.events "
+        f"WHERE {ACTIVE_SQL} AND status = 'delivering' AND lease_until > now() "
+        "AND worker IS NOT NULL GROUP BY worker ORDER BY worker", q.loc.schema))).fetchall()
+    return {worker: int(n) for worker, n in rows}
 
 
 async def checkpoint(conn: Conn, q: Statements, source: str) -> Position | None:

@@ -48,7 +48,9 @@ class PostgresStore:
         self.settings = settings
         self.location: Location = parse_url(settings.url)
         self.worker = settings.role == "worker"
-        # Written on each claim: who holds a lease, for people reading the table.
+        # Written on each event this worker leases (claim, enqueue_held): who
+        # holds it, for `dbevents status` (CountsInFlight) and people reading the
+        # table. The engine names its capture leases with it too.
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._q = Statements(self.location)
         self._pool: AsyncConnectionPool[Conn] | None = None
@@ -337,6 +339,9 @@ class PostgresStore:
 
     async def checkpoints(self) -> dict[str, Position]:
         return await self._run(eventlog.checkpoints)
+
+    async def in_flight(self) -> dict[str, int]:
+        return await self._run(eventlog.in_flight)
 
     async def set_trigger_paused(self, trigger: str, since: datetime | None) -> None:
         await self._run(eventlog.set_trigger_paused, trigger, since)
