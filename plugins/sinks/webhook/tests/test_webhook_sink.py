@@ -411,7 +411,8 @@ async def test_several_events_without_batching_go_one_per_post(
 def test_transport_must_be_known() -> None:
     assert WebhookOptions().transport is None
     assert WebhookOptions(transport="pyreqwest").transport == "pyreqwest"
-    with pytest.raises(ValueError, match="transport must be one of aiohttp, pyreqwest"):
+    assert WebhookOptions(transport="pycurl").transport == "pycurl"
+    with pytest.raises(ValueError, match="transport must be one of aiohttp, pyreqwest, pycurl"):
         WebhookOptions(transport="curl")
     with pytest.raises(ValueError, match="transport must be one of"):
         WebhookSink(transport="curl")
@@ -421,18 +422,23 @@ async def test_a_trigger_chooses_its_transport(receiver: ThreadedReceiver) -> No
     sink = WebhookSink()  # aiohttp for triggers that do not say
     await sink.open()
     try:
-        for name in ("aiohttp", "pyreqwest"):
+        for name in ("aiohttp", "pyreqwest", "pycurl"):
             t = trigger(receiver.url(f"/{name}"), transport=name, headers={"X-Trace": "1"})
             [out] = await sink.deliver(t, [make_event()])
             assert out.ok
     finally:
         await sink.close()
-    # aiohttp sends header names as given, pyreqwest in lower case: which
-    # client sent each request shows in the names the receiver got.
+    # aiohttp sends header names as given, pyreqwest in lower case, libcurl as
+    # given but asks for no compression: which client sent each request shows in
+    # the headers the receiver got.
     [by_aiohttp] = receiver.requests("/aiohttp")
     [by_pyreqwest] = receiver.requests("/pyreqwest")
+    [by_pycurl] = receiver.requests("/pycurl")
     assert "X-Trace" in list(by_aiohttp.headers.keys())
+    assert "Accept-Encoding" in by_aiohttp.headers
     assert "x-trace" in list(by_pyreqwest.headers.keys())
+    assert "X-Trace" in list(by_pycurl.headers.keys())
+    assert "Accept-Encoding" not in by_pycurl.headers
 
 
 def test_batch_size_bounds() -> None:

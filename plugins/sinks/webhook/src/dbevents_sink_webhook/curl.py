@@ -1,0 +1,427 @@
+"""The ``pycurl`` transport: requests sent by libcurl on a thread of their own.
+
+One thread per sink drives a ``pycurl.CurlMulti``. libcurl connects, writes each
+request and parses each response in C with the GIL released (inside ``perform``
+and ``select``), so the event loop's thread only hands over a prepared request
+and, later, reads its result. Both directions are batched: requests go through
+a queue and one wake-up byte per burst; completions come back as one
+``call_soon_threadsafe`` per wake-up of the curl thread carrying every result it
+collected, so the event loop pays one callback for many requests.
+
+If the thread dies, every request it held or had queued fails at once and the
+next request starts a new thread; nothing waits forever on a dead one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import select
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pycurl
+import structlog
+
+log = structlog.get_logger("dbevents.sink.webhook")
+
+# The bytes of a response body kept (the invocation log's cap); reading stops there.
+MAX_BODY = 64 * 1024
+
+_FAILED_VERIFICATION = {pycurl.E_PEER_FAILED_VERIFICATION, pycurl.E_SSL_CACERT,
+                        pycurl.E_SSL_CACERT_BADFILE, pycurl.E_SSL_ISSUER_ERROR,
+                        pycurl.E_SSL_INVALIDCERTSTATUS, pycurl.E_SSL_PINNEDPUBKEYNOTMATCH}
+_TLS = {pycurl.E_SSL_CONNECT_ERROR, pycurl.E_SSL_CERTPROBLEM, pycurl.E_SSL_CIPHER,
+        pycurl.E_USE_SSL_FAILED} | _FAILED_VERIFICATION
+_CUT = {pycurl.E_RECV_ERROR, pycurl.E_PARTIAL_FILE, pycurl.E_SEND_ERROR,
+        pycurl.E_GOT_NOTHING}
+# CURLE_WEIRD_SERVER_REPLY (8) keeps its old FTP name in pycurl.
+_INVALID = {pycurl.E_FTP_WEIRD_SERVER_REPLY, pycurl.E_UNSUPPORTED_PROTOCOL,
+            pycurl.E_BAD_CONTENT_ENCODING, pycurl.E_HTTP2}
+
+
+class CurlError(Exception):
+    """A request libcurl could not complete."""
+
+    def __init__(self, code: int, message: str, os_errno: int, status: int | None) -> None:
+        super().__init__(f"curl error {code}: {message}")
+        self.code = code
+        self.message = message
+        self.os_errno = os_errno
+        self.status = status  # the response status, if its line had arrived
+
+
+class TransportStopped(RuntimeError):
+    """The curl thread ended (closed, or died) before the request completed."""
+
+
+class Response:
+    """What came back: the status, the raw header lines of the last response,
+    the body (at most MAX_BODY bytes) and its Content-Type."""
+
+    __slots__ = ("body", "content_type", "header_lines", "status")
+
+    def __init__(self, status: int, header_lines: list[bytes], body: bytes,
+                 content_type: str | None) -> None:
+        self.status = status
+        self.header_lines = header_lines
+        self.body = body
+        self.content_type = content_type
+
+    def header(self, name: str) -> str | None:
+        """The last value of header ``name`` in the final response, if any."""
+        wanted = name.lower().encode("latin-1")
+        found: str | None = None
+        for line in self.header_lines:
+            if line.startswith(b"HTTP/"):
+                found = None  # a new response (after a 1xx): forget the earlier one
+                continue
+            key, sep, value = line.partition(b":")
+            if sep and key.strip().lower() == wanted:
+                found = value.strip().decode("latin-1")
+        return found
+
+
+class _Request:
+    """One request between the event loop and the curl thread."""
+
+    __slots__ = (
+        "body",
+        "capped",
+        "chunks",
+        "future",
+        "header_lines",
+        "headers",
+        "size",
+        "timeout_ms",
+        "url",
+    )
+
+    def __init__(self, url: str, headers: list[str], body: bytes, timeout_ms: int,
+                 future: asyncio.Future[Response]) -> None:
+        self.url = url
+        self.headers = headers
+        self.body = body
+        self.timeout_ms = timeout_ms
+        self.future = future
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.capped = False
+        self.header_lines: list[bytes] = []
+
+    def write(self, data: bytes) -> int | None:
+        """libcurl's body callback: keep up to MAX_BODY bytes, then stop the
+        transfer (its connection is closed instead of going back to the pool)."""
+        room = MAX_BODY - self.size
+        if len(data) > room:
+            if room:
+                self.chunks.append(data[:room])
+                self.size = MAX_BODY
+            self.capped = True
+            return 0  # not len(data): libcurl aborts with CURLE_WRITE_ERROR
+        self.chunks.append(data)
+        self.size += len(data)
+        return None  # all of it taken
+
+
+def _resolve(done: list[tuple[asyncio.Future[Response], Response | BaseException]]) -> None:
+    """On the event loop: settle a batch of futures in one callback."""
+    for future, result in done:
+        if future.done():  # cancelled while in flight
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
+def _verify_paths() -> tuple[str | None, str | None]:
+    """The CA file and folder Python's ssl module (so aiohttp) verifies against,
+    SSL_CERT_FILE / SSL_CERT_DIR included: both transports trust the same roots."""
+    paths = ssl.get_default_verify_paths()
+    return paths.cafile, paths.capath
+
+
+class _Worker:
+    """One curl thread, its multi handle and its queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, limit: int, limit_per_host: int,
+                 keepalive_timeout: float, crash: Callable[[], None] | None = None) -> None:
+        self.loop = loop
+        self.limit = limit
+        self.limit_per_host = limit_per_host
+        self.keepalive = max(1, round(keepalive_timeout))
+        self.cafile, self.capath = _verify_paths()
+        self.queue: collections.deque[_Request] = collections.deque()
+        self.cancels: collections.deque[_Request] = collections.deque()
+        self.stopping = False
+        self.dead: BaseException | None = None
+        # Set by the curl thread while it waits in select; the event loop writes
+        # a wake-up byte only then, and once per wait (`signalled`).
+        self.sleeping = False
+        self.signalled = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._crash = crash  # a fault injected by the tests, run on the curl thread
+        self.thread = threading.Thread(target=self._main, name="dbevents-webhook-curl",
+                                       daemon=True)
+        self.thread.start()
+
+    # -- the event loop's side ----------------------------------------------------
+
+    def submit(self, request: _Request) -> None:
+        self.queue.append(request)
+        self._wake()
+
+    def cancel(self, request: _Request) -> None:
+        self.cancels.append(request)
+        self._wake()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.signalled = False
+        self._wake()
+
+    def _wake(self) -> None:
+        # The append happened before this check, and the curl thread sets
+        # `sleeping` before it looks at the queue a last time: no lost wake-up.
+        if self.sleeping and not self.signalled:
+            self.signalled = True
+            # OSError: the buffer is full (a wake-up is pending) or the thread has gone.
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"\0")
+
+    # -- the curl thread -------------------------------------------------------------
+
+    def _main(self) -> None:
+        multi = pycurl.CurlMulti()
+        multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, self.limit)
+        multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, self.limit_per_host)
+        multi.setopt(pycurl.M_MAXCONNECTS, self.limit)
+        free: list[Any] = []
+        active: dict[Any, _Request] = {}
+        try:
+            self._loop(multi, free, active)
+        except BaseException as exc:
+            self.dead = exc
+            log.error("webhook curl thread died", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            error = TransportStopped(
+                "the webhook sink closed" if self.dead is None else
+                f"the curl thread died: {type(self.dead).__name__}: {self.dead}")
+            failed: list[tuple[asyncio.Future[Response], Response | BaseException]] = [
+                (r.future, error) for r in active.values()]
+            # Stop taking requests first, then fail whatever was queued.
+            self.stopping = True
+            while self.queue:
+                failed.append((self.queue.popleft().future, error))
+            if failed:
+                self._post(failed)
+            for handle in list(active) + free:
+                try:
+                    if handle in active:
+                        multi.remove_handle(handle)
+                    handle.close()
+                except pycurl.error:
+                    pass
+            multi.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _post(self, done: list[tuple[asyncio.Future[Response], Response | BaseException]]
+              ) -> None:
+        # RuntimeError: the event loop is closed, nobody awaits these any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(_resolve, done)
+
+    def _handle(self, free: list[Any]) -> Any:
+        if free:
+            return free.pop()
+        c = pycurl.Curl()
+        c.setopt(pycurl.NOSIGNAL, 1)  # libcurl must not use signals off the main thread
+        # A 3xx is a failed attempt: following it would send the payload to a URL
+        # nobody configured.
+        c.setopt(pycurl.FOLLOWLOCATION, 0)
+        c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        c.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
+        # Environment proxies are ignored, as with aiohttp's trust_env=False; no
+        # cookie engine is enabled (libcurl's default).
+        c.setopt(pycurl.PROXY, "")
+        c.setopt(pycurl.SSL_VERIFYPEER, 1)
+        c.setopt(pycurl.SSL_VERIFYHOST, 2)
+        if self.cafile:
+            c.setopt(pycurl.CAINFO, self.cafile)
+        if self.capath:
+            c.setopt(pycurl.CAPATH, self.capath)
+        c.setopt(pycurl.MAXAGE_CONN, self.keepalive)
+        c.setopt(pycurl.POST, 1)
+        return c
+
+    def _start(self, multi: Any, free: list[Any], active: dict[Any, _Request],
+               req: _Request) -> None:
+        c = self._handle(free)
+        c.setopt(pycurl.URL, req.url)
+        c.setopt(pycurl.HTTPHEADER, req.headers)
+        c.setopt(pycurl.POSTFIELDSIZE, len(req.body))
+        c.setopt(pycurl.COPYPOSTFIELDS, req.body)
+        c.setopt(pycurl.TIMEOUT_MS, req.timeout_ms)
+        c.setopt(pycurl.CONNECTTIMEOUT_MS, req.timeout_ms)
+        c.setopt(pycurl.WRITEFUNCTION, req.write)
+        c.setopt(pycurl.HEADERFUNCTION, req.header_lines.append)
+        multi.add_handle(c)
+        active[c] = req
+
+    @staticmethod
+    def _finish(active: dict[Any, _Request], c: Any, code: int, message: str
+                ) -> tuple[asyncio.Future[Response], Response | BaseException]:
+        req = active.pop(c)
+        status = c.getinfo(pycurl.RESPONSE_CODE)
+        result: Response | BaseException
+        if code == 0 or (code == pycurl.E_WRITE_ERROR and req.capped):
+            result = Response(status, req.header_lines, b"".join(req.chunks),
+                              c.getinfo(pycurl.CONTENT_TYPE))
+        else:
+            result = CurlError(code, message, c.getinfo(pycurl.OS_ERRNO), status or None)
+        return req.future, result
+
+    def _loop(self, multi: Any, free: list[Any], active: dict[Any, _Request]) -> None:
+        queue, cancels = self.queue, self.cancels
+        wake = self._wake_r.fileno()
+        while not self.stopping:
+            if self._crash is not None:
+                self._crash()
+            while queue:
+                self._start(multi, free, active, queue.popleft())
+            while cancels:
+                req = cancels.popleft()
+                for c, r in active.items():
+                    if r is req:
+                        del active[c]
+                        multi.remove_handle(c)
+                        free.append(c)
+                        break
+            while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
+                pass
+            done: list[tuple[asyncio.Future[Response], Response | BaseException]] = []
+            while True:
+                queued, ok, failed = multi.info_read()
+                for c in ok:
+                    done.append(self._finish(active, c, 0, ""))
+                    multi.remove_handle(c)
+                    free.append(c)
+                for c, code, message in failed:
+                    done.append(self._finish(active, c, code, message))
+                    multi.remove_handle(c)
+                    free.append(c)
+                if not queued:
+                    break
+            if done:
+                self._post(done)
+            # Wait for a socket, libcurl's next timer, or a wake-up from the loop.
+            self.sleeping = True
+            if queue or cancels or self.stopping:
+                self.sleeping = False
+                continue
+            timeout = multi.timeout()
+            wait = 1.0 if timeout < 0 else min(timeout / 1000.0, 1.0)
+            if wait > 0:
+                r, w, x = multi.fdset()
+                r.append(wake)
+                try:
+                    readable, _, _ = select.select(r, w, x, wait)
+                except OSError as exc:
+                    if exc.errno != errno.EINTR:
+                        raise
+                    readable = []
+            else:
+                readable = []
+            self.sleeping = False
+            self.signalled = False
+            if wake in readable:
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except BlockingIOError:
+                    pass
+
+
+class CurlTransport:
+    """The sink's handle on its curl thread, made on first use."""
+
+    def __init__(self, *, limit: int, limit_per_host: int, keepalive_timeout: float) -> None:
+        self.limit = limit
+        self.limit_per_host = limit_per_host
+        self.keepalive_timeout = keepalive_timeout
+        self._worker: _Worker | None = None
+        self._closed = False
+        self.crash: Callable[[], None] | None = None  # a fault the tests inject
+
+    def _live(self) -> _Worker:
+        worker = self._worker
+        if worker is None or worker.dead is not None or not worker.thread.is_alive():
+            if worker is not None:
+                log.warning("webhook curl thread restarted")
+            worker = self._worker = _Worker(
+                asyncio.get_running_loop(), limit=self.limit,
+                limit_per_host=self.limit_per_host,
+                keepalive_timeout=self.keepalive_timeout, crash=self.crash)
+        return worker
+
+    async def post(self, url: str, headers: list[str], body: bytes,
+                   timeout_ms: int) -> Response:
+        if self._closed:
+            raise TransportStopped("the webhook sink closed")
+        worker = self._live()
+        future: asyncio.Future[Response] = worker.loop.create_future()
+        request = _Request(url, headers, body, timeout_ms, future)
+        worker.submit(request)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            worker.cancel(request)
+            raise
+
+    async def close(self) -> None:
+        """Stop the thread (failing what it still holds), wait for it, free its
+        handles and sockets."""
+        self._closed = True
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        worker.stop()
+        await asyncio.to_thread(worker.thread.join)
+
+
+def describe(exc: BaseException, timeout_ms: int, where: str, status: int | None) -> str:
+    """The error string for a failed attempt, worded as the aiohttp transport
+    words it (classify.py); ``where`` is host:port."""
+    if not isinstance(exc, CurlError):
+        return f"sink error: {type(exc).__name__}: {exc}"
+    code, message = exc.code, exc.message
+    if code == pycurl.E_OPERATION_TIMEDOUT:
+        return f"timeout after {timeout_ms} ms"
+    if code in _CUT and status is not None:
+        # The status line arrived but the body was cut off: the exchange did not
+        # complete, so even a 2xx counts as failed (at-least-once errs on retrying).
+        return "connection reset: response cut off"
+    if code == pycurl.E_COULDNT_RESOLVE_HOST:
+        return f"dns lookup failed: {where.rsplit(':', 1)[0]}"
+    if code in _TLS:
+        # The same searchable word as the aiohttp transport's verification error.
+        tag = "CERTIFICATE_VERIFY_FAILED: " if code in _FAILED_VERIFICATION else ""
+        return f"tls error: {where}: {tag}{message}"
+    if code == pycurl.E_COULDNT_CONNECT:
+        if exc.os_errno == errno.ECONNREFUSED:
+            return f"connection refused: {where}"
+        return f"connection failed: {where}: {message}"
+    if code in _CUT:
+        return "connection reset: closed before the response"
+    if code in _INVALID:
+        return f"invalid response: {message}"
+    return f"request failed: curl error {code}: {message}"
