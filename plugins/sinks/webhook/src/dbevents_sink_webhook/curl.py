@@ -90,29 +90,37 @@ class Response:
 class _Request:
     """One request between the event loop and the curl thread."""
 
-    __slots__ = (
-        "body",
-        "capped",
-        "chunks",
-        "future",
-        "header_lines",
-        "headers",
-        "size",
-        "timeout_ms",
-        "url",
-    )
+    __slots__ = ("body", "future", "headers", "timeout_ms", "url")
 
-    def __init__(self, url: str, headers: list[str], body: bytes, timeout_ms: int,
+    def __init__(self, url: str, headers: list[bytes], body: bytes, timeout_ms: int,
                  future: asyncio.Future[Response]) -> None:
         self.url = url
         self.headers = headers
         self.body = body
         self.timeout_ms = timeout_ms
         self.future = future
+
+
+class _Slot:
+    """An easy handle and what it has collected of its current request. Its
+    callbacks are bound once, and options a request shares with the handle's
+    previous one (a trigger's URL, headers, timeout) are not set again."""
+
+    __slots__ = ("capped", "chunks", "handle", "header_lines", "headers", "req", "size",
+                 "timeout_ms", "url")
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.req: _Request | None = None
         self.chunks: list[bytes] = []
         self.size = 0
         self.capped = False
         self.header_lines: list[bytes] = []
+        self.url: str | None = None
+        self.headers: list[bytes] | None = None
+        self.timeout_ms = -1
+        handle.setopt(pycurl.WRITEFUNCTION, self.write)
+        handle.setopt(pycurl.HEADERFUNCTION, self.header_lines.append)
 
     def write(self, data: bytes) -> int | None:
         """libcurl's body callback: keep up to MAX_BODY bytes, then stop the
@@ -127,6 +135,44 @@ class _Request:
         self.chunks.append(data)
         self.size += len(data)
         return None  # all of it taken
+
+    def start(self, req: _Request) -> None:
+        c = self.handle
+        self.req = req
+        if req.url != self.url:
+            c.setopt(pycurl.URL, req.url)
+            self.url = req.url
+        if req.headers is not self.headers:
+            c.setopt(pycurl.HTTPHEADER, req.headers)
+            self.headers = req.headers
+        if req.timeout_ms != self.timeout_ms:
+            c.setopt(pycurl.TIMEOUT_MS, req.timeout_ms)
+            c.setopt(pycurl.CONNECTTIMEOUT_MS, req.timeout_ms)
+            self.timeout_ms = req.timeout_ms
+        c.setopt(pycurl.POSTFIELDS, req.body)  # copied, its length set too
+
+    def finish(self, code: int, message: str
+               ) -> tuple[asyncio.Future[Response], Response | BaseException]:
+        req, self.req = self.req, None
+        assert req is not None
+        c = self.handle
+        status = c.getinfo(pycurl.RESPONSE_CODE)
+        result: Response | BaseException
+        if code == 0 or (code == pycurl.E_WRITE_ERROR and self.capped):
+            body = b"".join(self.chunks) if self.chunks else b""
+            result = Response(status, self.header_lines[:], body,
+                              c.getinfo(pycurl.CONTENT_TYPE) if body else None)
+        else:
+            result = CurlError(code, message, c.getinfo(pycurl.OS_ERRNO), status or None)
+        self.clear()
+        return req.future, result
+
+    def clear(self) -> None:
+        if self.chunks:
+            self.chunks.clear()
+            self.size = 0
+        self.capped = False
+        self.header_lines.clear()
 
 
 def _resolve(done: list[tuple[asyncio.Future[Response], Response | BaseException]]) -> None:
@@ -204,8 +250,8 @@ class _Worker:
         multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, self.limit)
         multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, self.limit_per_host)
         multi.setopt(pycurl.M_MAXCONNECTS, self.limit)
-        free: list[Any] = []
-        active: dict[Any, _Request] = {}
+        free: list[_Slot] = []
+        active: dict[Any, _Slot] = {}  # by easy handle
         try:
             self._loop(multi, free, active)
         except BaseException as exc:
@@ -216,20 +262,18 @@ class _Worker:
                 "the webhook sink closed" if self.dead is None else
                 f"the curl thread died: {type(self.dead).__name__}: {self.dead}")
             failed: list[tuple[asyncio.Future[Response], Response | BaseException]] = [
-                (r.future, error) for r in active.values()]
+                (slot.req.future, error) for slot in active.values() if slot.req is not None]
             # Stop taking requests first, then fail whatever was queued.
             self.stopping = True
             while self.queue:
                 failed.append((self.queue.popleft().future, error))
             if failed:
                 self._post(failed)
-            for handle in list(active) + free:
-                try:
-                    if handle in active:
-                        multi.remove_handle(handle)
-                    handle.close()
-                except pycurl.error:
-                    pass
+            for slot in [*active.values(), *free]:
+                with contextlib.suppress(pycurl.error):
+                    if slot.req is not None:
+                        multi.remove_handle(slot.handle)
+                    slot.handle.close()
             multi.close()
             self._wake_r.close()
             self._wake_w.close()
@@ -240,7 +284,7 @@ class _Worker:
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(_resolve, done)
 
-    def _handle(self, free: list[Any]) -> Any:
+    def _slot(self, free: list[_Slot]) -> _Slot:
         if free:
             return free.pop()
         c = pycurl.Curl()
@@ -261,50 +305,28 @@ class _Worker:
             c.setopt(pycurl.CAPATH, self.capath)
         c.setopt(pycurl.MAXAGE_CONN, self.keepalive)
         c.setopt(pycurl.POST, 1)
-        return c
+        return _Slot(c)
 
-    def _start(self, multi: Any, free: list[Any], active: dict[Any, _Request],
-               req: _Request) -> None:
-        c = self._handle(free)
-        c.setopt(pycurl.URL, req.url)
-        c.setopt(pycurl.HTTPHEADER, req.headers)
-        c.setopt(pycurl.POSTFIELDSIZE, len(req.body))
-        c.setopt(pycurl.COPYPOSTFIELDS, req.body)
-        c.setopt(pycurl.TIMEOUT_MS, req.timeout_ms)
-        c.setopt(pycurl.CONNECTTIMEOUT_MS, req.timeout_ms)
-        c.setopt(pycurl.WRITEFUNCTION, req.write)
-        c.setopt(pycurl.HEADERFUNCTION, req.header_lines.append)
-        multi.add_handle(c)
-        active[c] = req
-
-    @staticmethod
-    def _finish(active: dict[Any, _Request], c: Any, code: int, message: str
-                ) -> tuple[asyncio.Future[Response], Response | BaseException]:
-        req = active.pop(c)
-        status = c.getinfo(pycurl.RESPONSE_CODE)
-        result: Response | BaseException
-        if code == 0 or (code == pycurl.E_WRITE_ERROR and req.capped):
-            result = Response(status, req.header_lines, b"".join(req.chunks),
-                              c.getinfo(pycurl.CONTENT_TYPE))
-        else:
-            result = CurlError(code, message, c.getinfo(pycurl.OS_ERRNO), status or None)
-        return req.future, result
-
-    def _loop(self, multi: Any, free: list[Any], active: dict[Any, _Request]) -> None:
+    def _loop(self, multi: Any, free: list[_Slot], active: dict[Any, _Slot]) -> None:
         queue, cancels = self.queue, self.cancels
         wake = self._wake_r.fileno()
         while not self.stopping:
             if self._crash is not None:
                 self._crash()
             while queue:
-                self._start(multi, free, active, queue.popleft())
+                slot = self._slot(free)
+                slot.start(queue.popleft())
+                multi.add_handle(slot.handle)
+                active[slot.handle] = slot
             while cancels:
                 req = cancels.popleft()
-                for c, r in active.items():
-                    if r is req:
+                for c, slot in active.items():
+                    if slot.req is req:
                         del active[c]
                         multi.remove_handle(c)
-                        free.append(c)
+                        slot.req = None
+                        slot.clear()
+                        free.append(slot)
                         break
             while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
                 pass
@@ -312,13 +334,15 @@ class _Worker:
             while True:
                 queued, ok, failed = multi.info_read()
                 for c in ok:
-                    done.append(self._finish(active, c, 0, ""))
+                    slot = active.pop(c)
+                    done.append(slot.finish(0, ""))
                     multi.remove_handle(c)
-                    free.append(c)
+                    free.append(slot)
                 for c, code, message in failed:
-                    done.append(self._finish(active, c, code, message))
+                    slot = active.pop(c)
+                    done.append(slot.finish(code, message))
                     multi.remove_handle(c)
-                    free.append(c)
+                    free.append(slot)
                 if not queued:
                     break
             if done:
@@ -373,7 +397,7 @@ class CurlTransport:
                 keepalive_timeout=self.keepalive_timeout, crash=self.crash)
         return worker
 
-    async def post(self, url: str, headers: list[str], body: bytes,
+    async def post(self, url: str, headers: list[bytes], body: bytes,
                    timeout_ms: int) -> Response:
         if self._closed:
             raise TransportStopped("the webhook sink closed")
