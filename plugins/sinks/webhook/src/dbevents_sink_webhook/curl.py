@@ -22,6 +22,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -308,71 +309,112 @@ class _Worker:
         return _Slot(c)
 
     def _loop(self, multi: Any, free: list[_Slot], active: dict[Any, _Slot]) -> None:
+        # libcurl's socket interface: it names the sockets to watch and its next
+        # timeout through callbacks; epoll waits on them and the wake-up socket.
+        # (curl_multi_fdset and select() stop at file descriptor 1024.)
         queue, cancels = self.queue, self.cancels
         wake = self._wake_r.fileno()
-        while not self.stopping:
-            if self._crash is not None:
-                self._crash()
-            while queue:
-                slot = self._slot(free)
-                slot.start(queue.popleft())
-                multi.add_handle(slot.handle)
-                active[slot.handle] = slot
-            while cancels:
-                req = cancels.popleft()
-                for c, slot in active.items():
-                    if slot.req is req:
-                        del active[c]
-                        multi.remove_handle(c)
-                        slot.req = None
-                        slot.clear()
-                        free.append(slot)
-                        break
-            while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
-                pass
-            done: list[tuple[asyncio.Future[Response], Response | BaseException]] = []
-            while True:
-                queued, ok, failed = multi.info_read()
-                for c in ok:
-                    slot = active.pop(c)
-                    done.append(slot.finish(0, ""))
-                    multi.remove_handle(c)
-                    free.append(slot)
-                for c, code, message in failed:
-                    slot = active.pop(c)
-                    done.append(slot.finish(code, message))
-                    multi.remove_handle(c)
-                    free.append(slot)
-                if not queued:
-                    break
-            if done:
-                self._post(done)
-            # Wait for a socket, libcurl's next timer, or a wake-up from the loop.
-            self.sleeping = True
-            if queue or cancels or self.stopping:
-                self.sleeping = False
-                continue
-            timeout = multi.timeout()
-            wait = 1.0 if timeout < 0 else min(timeout / 1000.0, 1.0)
-            if wait > 0:
-                r, w, x = multi.fdset()
-                r.append(wake)
+        poller = select.epoll()
+        poller.register(wake, select.EPOLLIN)
+        watched: set[int] = set()
+        deadline: list[float | None] = [None]  # libcurl's next timeout (monotonic)
+
+        def on_socket(what: int, fd: int, _multi: Any, _data: Any) -> None:
+            if what == pycurl.POLL_REMOVE:
+                if fd in watched:
+                    watched.discard(fd)
+                    with contextlib.suppress(OSError):  # closed already: epoll forgot it
+                        poller.unregister(fd)
+                return
+            mask = ((select.EPOLLIN if what & pycurl.POLL_IN else 0)
+                    | (select.EPOLLOUT if what & pycurl.POLL_OUT else 0))
+            if fd in watched:
                 try:
-                    readable, _, _ = select.select(r, w, x, wait)
-                except OSError as exc:
-                    if exc.errno != errno.EINTR:
-                        raise
-                    readable = []
+                    poller.modify(fd, mask)
+                except FileNotFoundError:  # closed and its number reused
+                    poller.register(fd, mask)
             else:
-                readable = []
-            self.sleeping = False
-            self.signalled = False
-            if wake in readable:
                 try:
-                    while self._wake_r.recv(4096):
-                        pass
-                except BlockingIOError:
-                    pass
+                    poller.register(fd, mask)
+                except FileExistsError:
+                    poller.modify(fd, mask)
+                watched.add(fd)
+
+        def on_timer(ms: int) -> None:
+            deadline[0] = None if ms < 0 else time.monotonic() + ms / 1000.0
+
+        multi.setopt(pycurl.M_SOCKETFUNCTION, on_socket)
+        multi.setopt(pycurl.M_TIMERFUNCTION, on_timer)
+        try:
+            while not self.stopping:
+                if self._crash is not None:
+                    self._crash()
+                while queue:
+                    slot = self._slot(free)
+                    slot.start(queue.popleft())
+                    multi.add_handle(slot.handle)
+                    active[slot.handle] = slot
+                while cancels:
+                    req = cancels.popleft()
+                    for c, slot in active.items():
+                        if slot.req is req:
+                            del active[c]
+                            multi.remove_handle(c)
+                            slot.req = None
+                            slot.clear()
+                            free.append(slot)
+                            break
+                due = deadline[0]
+                if due is not None and time.monotonic() >= due:
+                    deadline[0] = None  # the callback sets the next one
+                    multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+                self._collect(multi, free, active)
+                # Wait for a socket, libcurl's next timeout, or a wake-up.
+                self.sleeping = True
+                if queue or cancels or self.stopping:
+                    self.sleeping = False
+                    continue
+                due = deadline[0]
+                wait = 1.0 if due is None else min(max(due - time.monotonic(), 0.0), 1.0)
+                events = poller.poll(wait) if wait > 0 else []
+                self.sleeping = False
+                self.signalled = False
+                for fd, ev in events:
+                    if fd == wake:
+                        self._drain()
+                        continue
+                    flags = ((pycurl.CSELECT_IN if ev & (select.EPOLLIN | select.EPOLLHUP)
+                              else 0)
+                             | (pycurl.CSELECT_OUT if ev & select.EPOLLOUT else 0)
+                             | (pycurl.CSELECT_ERR if ev & select.EPOLLERR else 0))
+                    multi.socket_action(fd, flags)
+        finally:
+            poller.close()
+
+    def _collect(self, multi: Any, free: list[_Slot], active: dict[Any, _Slot]) -> None:
+        """Hand every finished request back to the event loop, in one call."""
+        done: list[tuple[asyncio.Future[Response], Response | BaseException]] = []
+        while True:
+            queued, ok, failed = multi.info_read()
+            for c in ok:
+                slot = active.pop(c)
+                done.append(slot.finish(0, ""))
+                multi.remove_handle(c)
+                free.append(slot)
+            for c, code, message in failed:
+                slot = active.pop(c)
+                done.append(slot.finish(code, message))
+                multi.remove_handle(c)
+                free.append(slot)
+            if not queued:
+                break
+        if done:
+            self._post(done)
+
+    def _drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_r.recv(4096):
+                pass
 
 
 class CurlTransport:
