@@ -130,3 +130,22 @@ async def test_connections_per_host_are_capped_by_the_pool(odd_server: Any,
     assert all(o.ok for [o] in outs) and len(odd_server.peers) == 12
     # Twelve POSTs at once through a pool of two connections to that host.
     assert len(set(odd_server.peers)) <= 2
+
+
+def test_a_sink_used_from_a_second_event_loop_still_delivers(
+        receiver: ThreadedReceiver) -> None:
+    sink = WebhookSink(transport="pycurl")
+
+    async def once() -> Outcome:
+        await sink.open()
+        [out] = await sink.deliver(ok(receiver), [make_event()])
+        return out
+
+    first = asyncio.run(once())
+    worker = transport_of(sink)._worker
+    second = asyncio.run(once())  # a new loop: the first thread's loop is gone
+    asyncio.run(sink.close())
+    assert first.ok and second.ok and len(receiver.requests("/ok")) == 2
+    assert worker is not None
+    worker.thread.join(HANG)
+    assert not worker.thread.is_alive()

@@ -419,13 +419,16 @@ def test_transport_must_be_known() -> None:
 
 
 async def test_a_trigger_chooses_its_transport(receiver: ThreadedReceiver) -> None:
-    sink = WebhookSink()  # aiohttp for triggers that do not say
+    sink = WebhookSink()  # pycurl for triggers that do not say
     await sink.open()
     try:
         for name in ("aiohttp", "pyreqwest", "pycurl"):
             t = trigger(receiver.url(f"/{name}"), transport=name, headers={"X-Trace": "1"})
             [out] = await sink.deliver(t, [make_event()])
             assert out.ok
+        [out] = await sink.deliver(trigger(receiver.url("/default"),
+                                           headers={"X-Trace": "1"}), [make_event()])
+        assert out.ok
     finally:
         await sink.close()
     # aiohttp sends header names as given, pyreqwest in lower case, libcurl as
@@ -439,6 +442,9 @@ async def test_a_trigger_chooses_its_transport(receiver: ThreadedReceiver) -> No
     assert "x-trace" in list(by_pyreqwest.headers.keys())
     assert "X-Trace" in list(by_pycurl.headers.keys())
     assert "Accept-Encoding" not in by_pycurl.headers
+    [by_default] = receiver.requests("/default")
+    assert "X-Trace" in list(by_default.headers.keys())
+    assert "Accept-Encoding" not in by_default.headers
 
 
 def test_batch_size_bounds() -> None:

@@ -430,11 +430,19 @@ class CurlTransport:
 
     def _live(self) -> _Worker:
         worker = self._worker
-        if worker is None or worker.dead is not None or not worker.thread.is_alive():
+        loop = asyncio.get_running_loop()
+        if worker is None or worker.dead is not None or not worker.thread.is_alive() \
+                or worker.loop is not loop:
             if worker is not None:
-                log.warning("webhook curl thread restarted")
+                if worker.loop is not loop:
+                    # Used from another event loop (a sink reused across
+                    # asyncio.run calls): the old thread would settle futures on
+                    # a loop nobody runs.
+                    worker.stop()
+                else:
+                    log.warning("webhook curl thread restarted")
             worker = self._worker = _Worker(
-                asyncio.get_running_loop(), limit=self.limit,
+                loop, limit=self.limit,
                 limit_per_host=self.limit_per_host,
                 keepalive_timeout=self.keepalive_timeout, crash=self.crash)
         return worker

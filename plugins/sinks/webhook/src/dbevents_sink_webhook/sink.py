@@ -121,8 +121,10 @@ def _curl_headers(headers: Mapping[str, str]) -> list[bytes]:
 class WebhookSink:
     """POSTs CloudEvents JSON to each trigger's ``url``.
 
-    One ``aiohttp.ClientSession`` per sink (so per process), with keep-alive; the
-    connector limits cap connections across every trigger using this sink.
+    One HTTP client per transport per sink (so per process), with keep-alive:
+    libcurl on its own thread for ``pycurl`` (the default), an
+    ``aiohttp.ClientSession`` for ``aiohttp``, a pyreqwest client for
+    ``pyreqwest``. The pool limits cap connections across every trigger using it.
     Redirects are not followed: a 3xx is a failed attempt, because following one
     would send the payload (and its headers) to a URL nobody configured.
     """
