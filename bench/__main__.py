@@ -3,6 +3,7 @@
     uv run --group bench python -m bench            # quick sizes (a few minutes)
     uv run --group bench python -m bench --full     # issue 9's sizes (much longer)
     uv run --group bench python -m bench --only 1,3 --no-report
+    uv run --group bench python -m bench --only 1 --transport aiohttp,pycurl   # A/B
 
 Starts a private PostgreSQL and MariaDB (never the system services), a webhook
 receiver in its own process, and `dbevents run` as its own process per run;

@@ -1,8 +1,9 @@
 """The ``pycurl`` transport: requests sent by libcurl on a thread of their own.
 
 One thread per sink drives a ``pycurl.CurlMulti``. libcurl connects, writes each
-request and parses each response in C with the GIL released (inside ``perform``
-and ``select``), so the event loop's thread only hands over a prepared request
+request and parses each response in C with the GIL released (inside
+``socket_action`` and the epoll wait), so the event loop's thread only hands over
+a prepared request
 and, later, reads its result. Both directions are batched: requests go through
 a queue and one wake-up byte per burst; completions come back as one
 ``call_soon_threadsafe`` per wake-up of the curl thread carrying every result it
@@ -208,7 +209,7 @@ class _Worker:
         self.cancels: collections.deque[_Request] = collections.deque()
         self.stopping = False
         self.dead: BaseException | None = None
-        # Set by the curl thread while it waits in select; the event loop writes
+        # Set by the curl thread while it waits in epoll; the event loop writes
         # a wake-up byte only then, and once per wait (`signalled`).
         self.sleeping = False
         self.signalled = False
