@@ -6,10 +6,15 @@ receiver on 127.0.0.1. Everything else about the transport is the shared suite
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from dbevents import Outcome, Trigger
 from dbevents.testing import make_event
 from dbevents_sink_webhook import WebhookSink
@@ -149,3 +154,53 @@ def test_a_sink_used_from_a_second_event_loop_still_delivers(
     assert worker is not None
     worker.thread.join(HANG)
     assert not worker.thread.is_alive()
+
+
+@pytest.fixture
+def cert_for_127(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate naming 127.0.0.1 (as an IP address entry)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+async def test_a_certificate_the_system_cas_trust_is_accepted(
+        cert_for_127: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The positive side of TLS verification: pycurl trusts what Python's ssl
+    module trusts, SSL_CERT_FILE included, and checks the host name."""
+    cert, key = cert_for_127
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    hits: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        hits.append(await request.read())
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/hook", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
+    port = runner.addresses[0][1]
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    sink = WebhookSink(transport="pycurl")
+    await sink.open()
+    try:
+        ev = make_event()
+        [good] = await sink.deliver(Trigger(name="tls", url=f"https://127.0.0.1:{port}/hook",
+                                            timeout=5000), [ev])
+        # The same server under a name its certificate does not carry.
+        [bad] = await sink.deliver(Trigger(name="name", url=f"https://localhost:{port}/hook",
+                                           timeout=5000), [make_event()])
+    finally:
+        await sink.close()
+        await runner.cleanup()
+    assert good.ok, good.error
+    assert hits == [ev.payload]
+    assert not bad.ok and bad.error is not None
+    assert bad.error.startswith(f"tls error: localhost:{port}: ")

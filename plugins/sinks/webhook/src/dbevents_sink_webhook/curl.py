@@ -254,8 +254,10 @@ class _Worker:
         multi.setopt(pycurl.M_MAXCONNECTS, self.limit)
         free: list[_Slot] = []
         active: dict[Any, _Slot] = {}  # by easy handle
+        # Closed last: closing the handles below still calls the socket callback.
+        poller = select.epoll()
         try:
-            self._loop(multi, free, active)
+            self._loop(multi, poller, free, active)
         except BaseException as exc:
             self.dead = exc
             log.error("webhook curl thread died", error=f"{type(exc).__name__}: {exc}")
@@ -277,6 +279,7 @@ class _Worker:
                         multi.remove_handle(slot.handle)
                     slot.handle.close()
             multi.close()
+            poller.close()
             self._wake_r.close()
             self._wake_w.close()
 
@@ -309,13 +312,13 @@ class _Worker:
         c.setopt(pycurl.POST, 1)
         return _Slot(c)
 
-    def _loop(self, multi: Any, free: list[_Slot], active: dict[Any, _Slot]) -> None:
+    def _loop(self, multi: Any, poller: select.epoll, free: list[_Slot],
+              active: dict[Any, _Slot]) -> None:
         # libcurl's socket interface: it names the sockets to watch and its next
         # timeout through callbacks; epoll waits on them and the wake-up socket.
         # (curl_multi_fdset and select() stop at file descriptor 1024.)
         queue, cancels = self.queue, self.cancels
         wake = self._wake_r.fileno()
-        poller = select.epoll()
         poller.register(wake, select.EPOLLIN)
         watched: set[int] = set()
         deadline: list[float | None] = [None]  # libcurl's next timeout (monotonic)
@@ -346,51 +349,48 @@ class _Worker:
 
         multi.setopt(pycurl.M_SOCKETFUNCTION, on_socket)
         multi.setopt(pycurl.M_TIMERFUNCTION, on_timer)
-        try:
-            while not self.stopping:
-                if self._crash is not None:
-                    self._crash()
-                while queue:
-                    slot = self._slot(free)
-                    slot.start(queue.popleft())
-                    multi.add_handle(slot.handle)
-                    active[slot.handle] = slot
-                while cancels:
-                    req = cancels.popleft()
-                    for c, slot in active.items():
-                        if slot.req is req:
-                            del active[c]
-                            multi.remove_handle(c)
-                            slot.req = None
-                            slot.clear()
-                            free.append(slot)
-                            break
-                due = deadline[0]
-                if due is not None and time.monotonic() >= due:
-                    deadline[0] = None  # the callback sets the next one
-                    multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
-                self._collect(multi, free, active)
-                # Wait for a socket, libcurl's next timeout, or a wake-up.
-                self.sleeping = True
-                if queue or cancels or self.stopping:
-                    self.sleeping = False
-                    continue
-                due = deadline[0]
-                wait = 1.0 if due is None else min(max(due - time.monotonic(), 0.0), 1.0)
-                events = poller.poll(wait) if wait > 0 else []
+        while not self.stopping:
+            if self._crash is not None:
+                self._crash()
+            while queue:
+                slot = self._slot(free)
+                slot.start(queue.popleft())
+                multi.add_handle(slot.handle)
+                active[slot.handle] = slot
+            while cancels:
+                req = cancels.popleft()
+                for c, slot in active.items():
+                    if slot.req is req:
+                        del active[c]
+                        multi.remove_handle(c)
+                        slot.req = None
+                        slot.clear()
+                        free.append(slot)
+                        break
+            due = deadline[0]
+            if due is not None and time.monotonic() >= due:
+                deadline[0] = None  # the callback sets the next one
+                multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+            self._collect(multi, free, active)
+            # Wait for a socket, libcurl's next timeout, or a wake-up.
+            self.sleeping = True
+            if queue or cancels or self.stopping:
                 self.sleeping = False
-                self.signalled = False
-                for fd, ev in events:
-                    if fd == wake:
-                        self._drain()
-                        continue
-                    flags = ((pycurl.CSELECT_IN if ev & (select.EPOLLIN | select.EPOLLHUP)
-                              else 0)
-                             | (pycurl.CSELECT_OUT if ev & select.EPOLLOUT else 0)
-                             | (pycurl.CSELECT_ERR if ev & select.EPOLLERR else 0))
-                    multi.socket_action(fd, flags)
-        finally:
-            poller.close()
+                continue
+            due = deadline[0]
+            wait = 1.0 if due is None else min(max(due - time.monotonic(), 0.0), 1.0)
+            events = poller.poll(wait) if wait > 0 else []
+            self.sleeping = False
+            self.signalled = False
+            for fd, ev in events:
+                if fd == wake:
+                    self._drain()
+                    continue
+                flags = ((pycurl.CSELECT_IN if ev & (select.EPOLLIN | select.EPOLLHUP)
+                          else 0)
+                         | (pycurl.CSELECT_OUT if ev & select.EPOLLOUT else 0)
+                         | (pycurl.CSELECT_ERR if ev & select.EPOLLERR else 0))
+                multi.socket_action(fd, flags)
 
     def _collect(self, multi: Any, free: list[_Slot], active: dict[Any, _Slot]) -> None:
         """Hand every finished request back to the event loop, in one call."""
