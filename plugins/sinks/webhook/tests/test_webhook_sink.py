@@ -8,6 +8,7 @@ import importlib.metadata as md
 import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -579,3 +580,31 @@ def test_credentials_alone_or_a_header_alone_are_fine() -> None:
     WebhookSink.validate_target("https://example.com/x",
                                 WebhookOptions(headers={"Authorization": "Bearer t"}))
     WebhookSink.validate_target("http://example.com", None)
+
+
+@pytest.fixture
+def unanswered_port() -> Any:
+    """A port whose accept queue is full: the kernel drops further SYNs, so a
+    connection attempt hangs in connect() (as to a host that is down)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # more than the queue holds: the later ones hang too
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(("127.0.0.1", port))
+        fillers.append(c)
+    yield port
+    for c in fillers:
+        c.close()
+    server.close()
+
+
+async def test_a_connect_that_hangs_is_cut_at_the_timeout(sink: WebhookSink,
+                                                          unanswered_port: int) -> None:
+    t = Trigger(name="t", url=f"http://127.0.0.1:{unanswered_port}/hook", timeout=300)
+    [out] = await sink.deliver(t, [make_event()])
+    assert not out.ok and out.status_code is None
+    assert out.error == "timeout after 300 ms"
