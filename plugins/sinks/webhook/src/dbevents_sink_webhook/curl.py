@@ -199,7 +199,7 @@ class _Worker:
     """One curl thread, its multi handle and its queue."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, limit: int, limit_per_host: int,
-                 keepalive_timeout: float, crash: Callable[[], None] | None = None) -> None:
+                 keepalive_timeout: float) -> None:
         self.loop = loop
         self.limit = limit
         self.limit_per_host = limit_per_host
@@ -216,7 +216,8 @@ class _Worker:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._crash = crash  # a fault injected by the tests, run on the curl thread
+        # A fault the tests inject, raised on the curl thread when it next wakes.
+        self._crash: Callable[[], None] | None = None
         self.thread = threading.Thread(target=self._main, name="dbevents-webhook-curl",
                                        daemon=True)
         self.thread.start()
@@ -427,7 +428,6 @@ class CurlTransport:
         self.keepalive_timeout = keepalive_timeout
         self._worker: _Worker | None = None
         self._closed = False
-        self.crash: Callable[[], None] | None = None  # a fault the tests inject
 
     def _live(self) -> _Worker:
         worker = self._worker
@@ -445,7 +445,7 @@ class CurlTransport:
             worker = self._worker = _Worker(
                 loop, limit=self.limit,
                 limit_per_host=self.limit_per_host,
-                keepalive_timeout=self.keepalive_timeout, crash=self.crash)
+                keepalive_timeout=self.keepalive_timeout)
         return worker
 
     async def post(self, url: str, headers: list[bytes], body: bytes,
