@@ -3,6 +3,7 @@
     uv run --group bench python -m bench            # quick sizes (a few minutes)
     uv run --group bench python -m bench --full     # issue 9's sizes (much longer)
     uv run --group bench python -m bench --only 1,3 --no-report
+    uv run --group bench python -m bench --only 1 --transport aiohttp,pycurl   # A/B
 
 Starts a private PostgreSQL and MariaDB (never the system services), a webhook
 receiver in its own process, and `dbevents run` as its own process per run;
@@ -53,6 +54,10 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(ALL),
                         help="comma-separated scenarios to run (default: all)")
     parser.add_argument("--rounds", type=int, help="rounds of 1, 2 and 4 (default by scale)")
+    parser.add_argument("--transport", default="",
+                        help="comma-separated webhook transports for scenario 1, run "
+                             "interleaved in each round; the first gives the figure "
+                             "(default: the webhook sink's default)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="dbevents' log level (its log goes to a file)")
@@ -101,7 +106,9 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dbevents-bench-")))
         rx = stack.enter_context(ReceiverProcess())
-        ctx = Context(scale=scale, rx=rx, tmp=tmp, log_level=args.log_level, results=results)
+        ctx = Context(scale=scale, rx=rx, tmp=tmp, log_level=args.log_level, results=results,
+                      transports=tuple(t.strip() for t in args.transport.split(",")
+                                       if t.strip()))
         if set(ran) & {"1", "2", "3", "5", "6"}:
             # A WAL backlog of a million changes must not force checkpoints mid-run.
             ctx.pg = stack.enter_context(PostgresServer({"max_wal_size": "4GB"}))

@@ -2,6 +2,7 @@
 
     uv run python -m bench.http_clients                   # every installed client
     uv run python -m bench.http_clients --only aiohttp,pyreqwest --events 5000
+    uv run python -m bench.http_clients --only pycurl,sink:aiohttp,sink:pycurl
 
 The receiver is bench/e2e/receiver.py (aiohttp in its own process, answering an
 empty 200, counting what arrives); the payloads are bench/e2e/ceiling.py's
@@ -12,6 +13,9 @@ events/s and the CPU time this process spent per request (all its threads: a
 native client's runtime threads count too). Rounds interleave the clients so a
 neighbour's load hits them alike; best and median are printed, and the fastest
 client by its best round is the ceiling the other benches compare against.
+Beside the bare clients, `sink:NAME` POSTs the same bodies through dbevents'
+WebhookSink.deliver on its NAME transport (one event per call): what the sink
+costs on top of its client. Those rows are never the ceiling.
 
 Clients with a native (Rust or C) core are measured only when installed; this
 bench installs nothing. For every one of them:
@@ -119,6 +123,36 @@ async def _curl_cffi(concurrency: int) -> AsyncIterator[Post]:
         yield post
 
 
+def _sink(transport: str) -> Callable[[int], contextlib.AbstractAsyncContextManager[Post]]:
+    """Not a bare client: dbevents' WebhookSink.deliver on one of its transports,
+    one event per call, so what the sink adds to its client shows beside it."""
+
+    @contextlib.asynccontextmanager
+    async def make(concurrency: int) -> AsyncIterator[Post]:
+        import attrs
+        from dbevents import Trigger
+        from dbevents.testing import make_event
+        from dbevents_sink_webhook import WebhookSink
+
+        sink = WebhookSink(transport=transport)
+        await sink.open()
+        trigger = Trigger(name="bench", url=URL, timeout=int(TIMEOUT_S * 1000),
+                          concurrency=concurrency)
+        template = make_event(trigger="bench")
+
+        async def post(body: bytes, headers: dict[str, str]) -> int:
+            # The sink sets Content-Type itself; the event carries the body.
+            [out] = await sink.deliver(trigger, [attrs.evolve(template, payload=body)])
+            return out.status_code or 0
+
+        try:
+            yield post
+        finally:
+            await sink.close()
+
+    return make
+
+
 URL = ""  # set by measure(); the clients read it at call time
 
 
@@ -205,14 +239,23 @@ CLIENTS: dict[str, tuple[str, str]] = {
     "curl-cffi": ("curl-cffi (libcurl multi, asyncio glue)", "curl_cffi"),
     "pycurl": ("pycurl (libcurl multi, select loop; no asyncio API)", "pycurl"),
 }
+# Through the webhook sink, per transport: reported, never the ceiling.
+SINKS: dict[str, tuple[str, str]] = {
+    f"sink:{name}": (f"dbevents WebhookSink, transport {name}", module)
+    for name, module in (("aiohttp", "aiohttp"), ("pyreqwest", "pyreqwest"),
+                         ("pycurl", "pycurl"))
+}
 _ASYNC = {"aiohttp": _aiohttp, "aiohttp+uvloop": _aiohttp, "pyreqwest": _pyreqwest,
-          "rnet": _rnet, "httpr": _httpr, "curl-cffi": _curl_cffi}
+          "rnet": _rnet, "httpr": _httpr, "curl-cffi": _curl_cffi,
+          **{name: _sink(name.removeprefix("sink:")) for name in SINKS}}
 
 
-def installed() -> list[str]:
+def installed(sinks: bool = False) -> list[str]:
+    """The bare clients installed (and with `sinks`, the sink transports)."""
     import importlib.util
 
-    return [name for name, (_, mod) in CLIENTS.items() if importlib.util.find_spec(mod)]
+    known = {**CLIENTS, **SINKS} if sinks else CLIENTS
+    return [name for name, (_, mod) in known.items() if importlib.util.find_spec(mod)]
 
 
 def post_all(client: str, url: str, bodies: Sequence[bytes], concurrency: int,
@@ -257,11 +300,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", help="comma-separated clients (default: every installed)")
     args = parser.parse_args()
-    have = installed()
+    have = installed(sinks=True)
     names = [c.strip() for c in args.only.split(",")] if args.only else have
     for name in names:
         if name not in have:
-            parser.error(f"{name}: not installed (or unknown); known: {', '.join(CLIENTS)}")
+            parser.error(f"{name}: not installed (or unknown); "
+                         f"known: {', '.join([*CLIENTS, *SINKS])}")
     missing = [c for c in CLIENTS if c not in have]
     bodies = payloads(args.events)
     print(f"{len(bodies):,} POSTs of ~{sum(map(len, bodies)) // len(bodies)} bytes, "
@@ -284,11 +328,14 @@ def main() -> int:
                     print(f"  round {round_} {name:<15} {rate:>9,.0f} events/s  "
                           f"{cpu:>6.1f} µs CPU/request", flush=True)
     rows = rank(seen)
+    labels = {**CLIENTS, **SINKS}
     print(f"\n{'client':<58} {'best/s':>9} {'median/s':>9} {'CPU µs/req':>11}")
     for name, best, median, cpu in rows:
-        print(f"{CLIENTS[name][0]:<58} {best:>9,.0f} {median:>9,.0f} {cpu:>11.1f}")
-    print(f"\nceiling: {rows[0][0]} at {rows[0][1]:,.0f} events/s "
-          f"(load average now {os.getloadavg()[0]:.2f})")
+        print(f"{labels[name][0]:<58} {best:>9,.0f} {median:>9,.0f} {cpu:>11.1f}")
+    bare = [row for row in rows if row[0] in CLIENTS]
+    if bare:
+        print(f"\nceiling: {bare[0][0]} at {bare[0][1]:,.0f} events/s "
+              f"(load average now {os.getloadavg()[0]:.2f})")
     return 0
 
 

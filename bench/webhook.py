@@ -20,7 +20,8 @@ the same concurrency and connection pool settings:
   (s)  the sink alone: WebhookSink.deliver called in plain loops, one event per
        call, no dispatcher or store (what the sink adds to (a); (b) adds the
        dispatcher and the store on top);
-  (sp), (bp)  (s) and (b) with the sink's pyreqwest transport.
+  (sp), (bp)  (s) and (b) with the sink's pyreqwest transport;
+  (sc), (bc)  (s) and (b) with the sink's pycurl transport.
 
 MemoryStore keeps the store contract (per-row order, leases, retries) with
 indexes, so a claim costs O(events claimed): what is measured is the dispatcher
@@ -275,7 +276,7 @@ def main() -> int:
                         help="POSTs in flight (the trigger's `concurrency`)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", default="a,a:*,s,sp,b,bp,c",
+    parser.add_argument("--only", default="a,a:*,s,sp,sc,b,bp,bc,c",
                         help="comma-separated runs to measure (a:* = every other "
                              "installed bare client)")
     parser.add_argument("--profile", choices=["a", "s", "b", "c"],
@@ -306,6 +307,10 @@ def main() -> int:
                    lambda: run_sink(url, n, conc, "pyreqwest")),
             "bp": (f"dispatcher + sink, pyreqwest, 1 event/POST, N={n:,}",
                    lambda: run_dispatcher(url, n, conc, 1, "pyreqwest")),
+            "sc": (f"sink alone, pycurl, 1 event/POST, N={n:,}",
+                   lambda: run_sink(url, n, conc, "pycurl")),
+            "bc": (f"dispatcher + sink, pycurl, 1 event/POST, N={n:,}",
+                   lambda: run_dispatcher(url, n, conc, 1, "pycurl")),
         }
         # The other bare clients; each runs its own event loop (or none).
         clients: dict[str, tuple[str, Callable[[], float]]] = {

@@ -45,6 +45,8 @@ def transport(request: pytest.FixtureRequest) -> str:
 # first the kernel drops the unread bytes, so the attempt is reported as
 # "connection reset: closed before the response" with no status. Still a failed,
 # retried attempt; only the wording and the recorded status differ.
+# pycurl reads on its own thread too, yet passes: libcurl reads the socket as soon
+# as it is readable and parses what it read before the next read reports the reset.
 CUTOFF_RACE = ("pyreqwest reads on its own thread: the RST can overtake the unread "
                "status line, which the kernel then drops")
 

@@ -8,6 +8,7 @@ import importlib.metadata as md
 import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -411,28 +412,40 @@ async def test_several_events_without_batching_go_one_per_post(
 def test_transport_must_be_known() -> None:
     assert WebhookOptions().transport is None
     assert WebhookOptions(transport="pyreqwest").transport == "pyreqwest"
-    with pytest.raises(ValueError, match="transport must be one of aiohttp, pyreqwest"):
+    assert WebhookOptions(transport="pycurl").transport == "pycurl"
+    with pytest.raises(ValueError, match="transport must be one of aiohttp, pyreqwest, pycurl"):
         WebhookOptions(transport="curl")
     with pytest.raises(ValueError, match="transport must be one of"):
         WebhookSink(transport="curl")
 
 
 async def test_a_trigger_chooses_its_transport(receiver: ThreadedReceiver) -> None:
-    sink = WebhookSink()  # aiohttp for triggers that do not say
+    sink = WebhookSink()  # pycurl for triggers that do not say
     await sink.open()
     try:
-        for name in ("aiohttp", "pyreqwest"):
+        for name in ("aiohttp", "pyreqwest", "pycurl"):
             t = trigger(receiver.url(f"/{name}"), transport=name, headers={"X-Trace": "1"})
             [out] = await sink.deliver(t, [make_event()])
             assert out.ok
+        [out] = await sink.deliver(trigger(receiver.url("/default"),
+                                           headers={"X-Trace": "1"}), [make_event()])
+        assert out.ok
     finally:
         await sink.close()
-    # aiohttp sends header names as given, pyreqwest in lower case: which
-    # client sent each request shows in the names the receiver got.
+    # aiohttp sends header names as given, pyreqwest in lower case, libcurl as
+    # given but asks for no compression: which client sent each request shows in
+    # the headers the receiver got.
     [by_aiohttp] = receiver.requests("/aiohttp")
     [by_pyreqwest] = receiver.requests("/pyreqwest")
+    [by_pycurl] = receiver.requests("/pycurl")
     assert "X-Trace" in list(by_aiohttp.headers.keys())
+    assert "Accept-Encoding" in by_aiohttp.headers
     assert "x-trace" in list(by_pyreqwest.headers.keys())
+    assert "X-Trace" in list(by_pycurl.headers.keys())
+    assert "Accept-Encoding" not in by_pycurl.headers
+    [by_default] = receiver.requests("/default")
+    assert "X-Trace" in list(by_default.headers.keys())
+    assert "Accept-Encoding" not in by_default.headers
 
 
 def test_batch_size_bounds() -> None:
@@ -567,3 +580,31 @@ def test_credentials_alone_or_a_header_alone_are_fine() -> None:
     WebhookSink.validate_target("https://example.com/x",
                                 WebhookOptions(headers={"Authorization": "Bearer t"}))
     WebhookSink.validate_target("http://example.com", None)
+
+
+@pytest.fixture
+def unanswered_port() -> Any:
+    """A port whose accept queue is full: the kernel drops further SYNs, so a
+    connection attempt hangs in connect() (as to a host that is down)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # more than the queue holds: the later ones hang too
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(("127.0.0.1", port))
+        fillers.append(c)
+    yield port
+    for c in fillers:
+        c.close()
+    server.close()
+
+
+async def test_a_connect_that_hangs_is_cut_at_the_timeout(sink: WebhookSink,
+                                                          unanswered_port: int) -> None:
+    t = Trigger(name="t", url=f"http://127.0.0.1:{unanswered_port}/hook", timeout=300)
+    [out] = await sink.deliver(t, [make_event()])
+    assert not out.ok and out.status_code is None
+    assert out.error == "timeout after 300 ms"

@@ -25,7 +25,7 @@ from dbevents.masking import MASK, mask_headers, mask_url
 from dbevents.protocols import sink_options
 from yarl import URL
 
-from dbevents_sink_webhook import native
+from dbevents_sink_webhook import curl, native
 from dbevents_sink_webhook.classify import (
     RETRY_AFTER_STATUSES,
     decode_body,
@@ -73,13 +73,13 @@ class _Plan:
     url_text: str  # the URL as sent (percent-encoded)
     where: str  # host:port, for error strings
     deadline: timedelta  # the timeout, for pyreqwest
+    curl_headers: list[bytes]  # the headers as libcurl takes them, for pycurl
 
 
 def _plan(trigger: Trigger, default_transport: str) -> _Plan:
     opts = options_of(trigger)
     url = URL(trigger.url, encoded=False)
     batch = opts.batch_size > 1
-    url = URL(trigger.url, encoded=False)
     headers = {"User-Agent": USER_AGENT, **opts.headers,
                "Content-Type": BATCH_JSON if batch else JSON}
     auth = aiohttp.BasicAuth.from_url(url)
@@ -105,14 +105,26 @@ def _plan(trigger: Trigger, default_transport: str) -> _Plan:
         url_text=str(url),
         where=f"{url.host}:{url.port}",
         deadline=timedelta(milliseconds=trigger.timeout),
+        curl_headers=_curl_headers(headers),
     )
+
+
+def _curl_headers(headers: Mapping[str, str]) -> list[bytes]:
+    """``Name: value`` lines for libcurl. An empty value is written ``Name;``
+    (libcurl drops a header written ``Name:``); ``Expect:`` stops libcurl from
+    asking for a 100 Continue before a large body, which aiohttp never does."""
+    lines = [(f"{k}: {v}" if v.strip() else f"{k};").encode() for k, v in headers.items()]
+    lines.append(b"Expect:")
+    return lines
 
 
 class WebhookSink:
     """POSTs CloudEvents JSON to each trigger's ``url``.
 
-    One ``aiohttp.ClientSession`` per sink (so per process), with keep-alive; the
-    connector limits cap connections across every trigger using this sink.
+    One HTTP client per transport per sink (so per process), with keep-alive:
+    libcurl on its own thread for ``pycurl`` (the default), an
+    ``aiohttp.ClientSession`` for ``aiohttp``, a pyreqwest client for
+    ``pyreqwest``. The pool limits cap connections across every trigger using it.
     Redirects are not followed: a 3xx is a failed attempt, because following one
     would send the payload (and its headers) to a URL nobody configured.
     """
@@ -146,6 +158,7 @@ class WebhookSink:
         self.transport = transport
         self._session: aiohttp.ClientSession | None = None
         self._native: Any = None  # pyreqwest Client, made on first use
+        self._curl: curl.CurlTransport | None = None  # its thread starts on first use
         self._plans: dict[str, _Plan] = {}
 
     async def open(self) -> None:
@@ -166,6 +179,9 @@ class WebhookSink:
         client, self._native = self._native, None
         if client is not None:
             await client.close()
+        curl_transport, self._curl = self._curl, None
+        if curl_transport is not None:
+            await curl_transport.close()
         if session is not None:
             await session.close()
 
@@ -222,15 +238,23 @@ class WebhookSink:
         try:
             if self._session is None:
                 raise RuntimeError("the webhook sink is not open (open() was not called)")
-            if plan.transport == "pyreqwest":
+            if plan.transport == "pycurl":
+                status, text, retry_after = await self._send_curl(plan, body, headers, got)
+            elif plan.transport == "pyreqwest":
                 status, text, retry_after = await self._send_native(plan, body, headers, got)
             else:
                 status, text, retry_after = await self._send_aiohttp(plan, body, headers, got)
         except Exception as exc:
             status = got[0] if got else None
-            error = _scrub(native.describe(exc, plan.trigger.timeout, plan.where, status)
-                           if plan.transport == "pyreqwest"
-                           else describe(exc, plan.trigger.timeout), plan)
+            if plan.transport == "pycurl":
+                if isinstance(exc, curl.CurlError):
+                    status = exc.status
+                error = curl.describe(exc, plan.trigger.timeout, plan.where, status)
+            elif plan.transport == "pyreqwest":
+                error = native.describe(exc, plan.trigger.timeout, plan.where, status)
+            else:
+                error = describe(exc, plan.trigger.timeout)
+            error = _scrub(error, plan)
             log.debug("webhook attempt failed", trigger=plan.trigger.name,
                       url=plan.masked_url, error=error, events=n)
             out = Outcome(ok=False, started_at=started_at,
@@ -269,6 +293,22 @@ class WebhookSink:
                 text = decode_body(raw, resp.charset) if raw else ""
             retry_after = (parse_retry_after(resp.headers.get("Retry-After"))
                            if status in RETRY_AFTER_STATUSES else None)
+        return status, text, retry_after
+
+    async def _send_curl(self, plan: _Plan, body: bytes, headers: Mapping[str, str],
+                         got: list[int]) -> tuple[int, str, float | None]:
+        transport = self._curl
+        if transport is None:
+            transport = self._curl = curl.CurlTransport(
+                limit=self.limit, limit_per_host=self.limit_per_host,
+                keepalive_timeout=self.keepalive_timeout)
+        lines = plan.curl_headers if headers is plan.headers else _curl_headers(headers)
+        resp = await transport.post(plan.url_text, lines, body, plan.trigger.timeout)
+        status = resp.status
+        got.append(status)
+        text = decode_body(resp.body, _charset(resp.content_type)) if resp.body else ""
+        retry_after = (parse_retry_after(resp.header("Retry-After"))
+                       if status in RETRY_AFTER_STATUSES else None)
         return status, text, retry_after
 
     async def _send_native(self, plan: _Plan, body: bytes, headers: Mapping[str, str],
