@@ -179,6 +179,7 @@ def run(state: State) -> None:
                 engine.stop()
             else:
                 log.warning("second signal: exiting now")
+                logs.flush()  # os._exit runs no atexit hooks
                 os._exit(130)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
