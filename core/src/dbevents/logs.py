@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
 import sys
 import threading
+import time
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import structlog
@@ -22,12 +25,12 @@ def setup(fmt: str | None = None, level: str = "info") -> None:
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _timestamp,
     ]
     renderer: structlog.typing.Processor
     if fmt == "json":
         processors.append(structlog.processors.format_exc_info)
-        renderer = structlog.processors.JSONRenderer()
+        renderer = structlog.processors.JSONRenderer(_json_line)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     # Known secrets (masking.add_secrets) out of every value before rendering
@@ -52,6 +55,39 @@ def setup(fmt: str | None = None, level: str = "info") -> None:
     for handler in root.handlers:
         if not any(isinstance(f, _ScrubFilter) for f in handler.filters):
             handler.addFilter(_ScrubFilter())
+
+
+def _timestamp(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """The time in ISO 8601 UTC with microseconds, e.g. 2026-12-05T20:44:03.123456Z
+    (structlog's TimeStamper builds a datetime per line; the date and time of
+    day change once a second)."""
+    now = time.time()
+    second = int(now)
+    global _second, _second_text
+    if second != _second:
+        _second, _second_text = second, datetime.fromtimestamp(second, UTC).strftime(
+            "%Y-%m-%dT%H:%M:%S")
+    event["timestamp"] = f"{_second_text}.{int((now - second) * 1e6):06d}Z"
+    return event
+
+
+_second, _second_text = -1, ""
+
+
+def _fallback(value: Any) -> Any:
+    # As structlog's JSONRenderer: a value's __structlog__(), else its repr().
+    try:
+        return value.__structlog__()
+    except AttributeError:
+        return repr(value)
+
+
+# One encoder for every line (json.dumps with options builds one per call).
+_json_line_encoder = json.JSONEncoder(default=_fallback)
+
+
+def _json_line(event: EventDict, **_: Any) -> str:
+    return _json_line_encoder.encode(event)
 
 
 def _drop_none_scrubbed(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
