@@ -53,6 +53,10 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(ALL),
                         help="comma-separated scenarios to run (default: all)")
     parser.add_argument("--rounds", type=int, help="rounds of 1, 2 and 4 (default by scale)")
+    parser.add_argument("--stores", default=",".join(scenarios.STORES),
+                        help="eventing-DB stores for 1, 2 and 5, comma-separated "
+                             "(default: sqlite,postgres; the PostgreSQL store gets a "
+                             "database on the same private server as the source)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="dbevents' log level (its log goes to a file)")
@@ -101,7 +105,9 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dbevents-bench-")))
         rx = stack.enter_context(ReceiverProcess())
-        ctx = Context(scale=scale, rx=rx, tmp=tmp, log_level=args.log_level, results=results)
+        stores = tuple(x for x in scenarios.STORES if x in args.stores.split(","))
+        ctx = Context(scale=scale, rx=rx, tmp=tmp, log_level=args.log_level, results=results,
+                      stores=stores or ("sqlite",))
         if set(ran) & {"1", "2", "3", "5", "6"}:
             # A WAL backlog of a million changes must not force checkpoints mid-run.
             ctx.pg = stack.enter_context(PostgresServer({"max_wal_size": "4GB"}))
