@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import pickle
+import re
 import shlex
 import signal
 import sys
@@ -182,12 +183,13 @@ def _write(docs: Path, results: Results, scale: scenarios.Scale, ran: list[str],
         print("matplotlib missing: no plot (run with `uv run --group bench ...`)")
     md = report.markdown(results, scale, ran, info, command, started, load, png)
     path = docs / "benchmarks.md"
-    # bench/workers.py writes its own section between these markers: keep it.
-    begin, end = "<!-- bench/workers.py: begin -->", "<!-- bench/workers.py: end -->"
+    # Sections written by hand or by other benches (bench/workers.py) sit between
+    # <!-- NAME: begin --> and <!-- NAME: end --> markers: kept, in their order.
     old = path.read_text() if path.exists() else ""
-    if begin in old and end in old:
-        kept = begin + old.split(begin, 1)[1].split(end, 1)[0] + end
-        md = md.rstrip("\n") + "\n\n" + kept + "\n"
+    kept = [m.group(0) for m in re.finditer(
+        r"<!-- ([^>]+?): begin -->.*?<!-- \1: end -->", old, re.S)]
+    if kept:
+        md = md.rstrip("\n") + "\n\n" + "\n\n".join(kept) + "\n"
     path.write_text(md)
     print(f"wrote {docs / 'benchmarks.md'}" + (f" and {png}" if png else ""))
 
