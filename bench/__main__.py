@@ -3,10 +3,14 @@
     uv run --group bench python -m bench            # quick sizes (a few minutes)
     uv run --group bench python -m bench --full     # issue 9's sizes (much longer)
     uv run --group bench python -m bench --only 1,3 --no-report
+    uv run --group bench python -m bench --only 1,2 --stores sqlite   # one store only
 
 Starts a private PostgreSQL and MariaDB (never the system services), a webhook
-receiver in its own process, and `dbevents run` as its own process per run;
-prints a table of each figure, its ceiling and the ratio, and writes
+receiver in its own process, and `dbevents run` as its own process per run
+(scenarios 1, 2 and 5 once with the SQLite store and once with the PostgreSQL
+store, a fresh database on the private server; the ceilings are the fastest of
+the bare HTTP clients installed, see bench/http_clients.py); prints a table of
+each figure, its ceiling and the ratio, and writes
 docs/benchmarks.md and docs/benchmarks.png. Where a target is missed, the
 scenario runs once more under py-spy and the report names where the time goes.
 Without the `bench` group (matplotlib) everything runs but the plot is skipped.
