@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import structlog
 
-from dbevents.values import Attempt, Change, Event, RawJSON, Trigger
+from dbevents.values import Attempt, Change, Event, Operation, RawJSON, Trigger
 
 log = structlog.get_logger("dbevents.envelope")
 
@@ -164,7 +164,7 @@ def build_event(change: Change, trigger: Trigger, source_id: str) -> Event:
         broken["data"] = {"db": change.db_type, "col": change.table, "docId": change.doc_id,
                           "doc": None, "error": f"the row could not be encoded: {reason}"}
         body = dumps(broken)
-    type_ = change.operation.event_type
+    type_ = _TYPES[change.operation][0]
     # Positional: the fields in their declared order (one Event per event).
     return Event(id_, trigger.name, change.database, change.db_type, change.table,
                  change.doc_id, type_, body)
@@ -174,6 +174,7 @@ def build_event(change: Change, trigger: Trigger, source_id: str) -> Event:
 # other members are ASCII (the source id aside, encoded once per source id), so
 # only `data` is encoded per event.
 _sources: dict[str, tuple[bytes, bytes]] = {}
+_TYPES = {op: (op.event_type, op.event_type.encode()) for op in Operation}
 
 
 def _envelope(change: Change, id_: str, source_id: str) -> bytes:
@@ -193,7 +194,7 @@ def _envelope(change: Change, id_: str, source_id: str) -> bytes:
         source = _sources[source_id] = (dumps(source_id), _ascii_encoder.encode(
             source_id).encode("ascii"))
     head = (b'{"specversion":"1.0","id":"' + id_.encode() + b'","type":"'
-            + change.operation.event_type.encode() + b'","source":' + source[escaped]
+            + _TYPES[change.operation][1] + b'","source":' + source[escaped]
             + b',"time":"' + iso_time(change.time).encode() + b'","data":')
     return head + body + b"}"
 
