@@ -72,6 +72,7 @@ class State:
 
 
 def fail(exc: DbeventsError) -> None:
+    logs.flush()  # log lines still waiting come first, as they happened
     click.echo(scrub(f"error: {exc}"), err=True)
     sys.exit(exc.exit_code)
 
@@ -190,6 +191,8 @@ def run(state: State) -> None:
         asyncio.run(main())
     except DbeventsError as exc:
         fail(exc)
+    finally:
+        logs.flush()  # the lines still waiting, before anything printed after
 
 
 @cli.command()
