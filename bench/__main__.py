@@ -3,11 +3,15 @@
     uv run --group bench python -m bench            # quick sizes (a few minutes)
     uv run --group bench python -m bench --full     # issue 9's sizes (much longer)
     uv run --group bench python -m bench --only 1,3 --no-report
+    uv run --group bench python -m bench --only 1,2 --stores sqlite   # one store only
     uv run --group bench python -m bench --only 1 --transport aiohttp,pycurl   # A/B
 
 Starts a private PostgreSQL and MariaDB (never the system services), a webhook
-receiver in its own process, and `dbevents run` as its own process per run;
-prints a table of each figure, its ceiling and the ratio, and writes
+receiver in its own process, and `dbevents run` as its own process per run
+(scenarios 1, 2 and 5 once with the SQLite store and once with the PostgreSQL
+store, a fresh database on the private server; the ceilings are the fastest of
+the bare HTTP clients installed, see bench/http_clients.py); prints a table of
+each figure, its ceiling and the ratio, and writes
 docs/benchmarks.md and docs/benchmarks.png. Where a target is missed, the
 scenario runs once more under py-spy and the report names where the time goes.
 Without the `bench` group (matplotlib) everything runs but the plot is skipped.
@@ -20,6 +24,7 @@ import contextlib
 import logging
 import os
 import pickle
+import re
 import shlex
 import signal
 import sys
@@ -58,6 +63,10 @@ def _args() -> argparse.Namespace:
                         help="comma-separated webhook transports for scenario 1, run "
                              "interleaved in each round; the first gives the figure "
                              "(default: the webhook sink's default)")
+    parser.add_argument("--stores", default=",".join(scenarios.STORES),
+                        help="eventing-DB stores for 1, 2 and 5, comma-separated "
+                             "(default: sqlite,postgres; the PostgreSQL store gets a "
+                             "database on the same private server as the source)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="dbevents' log level (its log goes to a file)")
@@ -106,7 +115,9 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dbevents-bench-")))
         rx = stack.enter_context(ReceiverProcess())
+        stores = tuple(x for x in scenarios.STORES if x in args.stores.split(","))
         ctx = Context(scale=scale, rx=rx, tmp=tmp, log_level=args.log_level, results=results,
+                      stores=stores or ("sqlite",),
                       transports=tuple(t.strip() for t in args.transport.split(",")
                                        if t.strip()))
         if set(ran) & {"1", "2", "3", "5", "6"}:
@@ -183,12 +194,13 @@ def _write(docs: Path, results: Results, scale: scenarios.Scale, ran: list[str],
         print("matplotlib missing: no plot (run with `uv run --group bench ...`)")
     md = report.markdown(results, scale, ran, info, command, started, load, png)
     path = docs / "benchmarks.md"
-    # bench/workers.py writes its own section between these markers: keep it.
-    begin, end = "<!-- bench/workers.py: begin -->", "<!-- bench/workers.py: end -->"
+    # Sections written by hand or by other benches (bench/workers.py) sit between
+    # <!-- NAME: begin --> and <!-- NAME: end --> markers: kept, in their order.
     old = path.read_text() if path.exists() else ""
-    if begin in old and end in old:
-        kept = begin + old.split(begin, 1)[1].split(end, 1)[0] + end
-        md = md.rstrip("\n") + "\n\n" + kept + "\n"
+    kept = [m.group(0) for m in re.finditer(
+        r"<!-- ([^>]+?): begin -->.*?<!-- \1: end -->", old, re.S)]
+    if kept:
+        md = md.rstrip("\n") + "\n\n" + "\n\n".join(kept) + "\n"
     path.write_text(md)
     print(f"wrote {docs / 'benchmarks.md'}" + (f" and {png}" if png else ""))
 

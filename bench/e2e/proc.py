@@ -24,8 +24,11 @@ class Dbevents:
     """One `dbevents run` with its own config, SQLite store and log in ``folder``."""
 
     def __init__(self, folder: Path, config: str, log_level: str = "info",
-                 gc_log: Path | None = None) -> None:
+                 gc_log: Path | None = None, store_dsn: str | None = None) -> None:
         self.folder = folder
+        # The PostgreSQL store's database (its `dbevents` schema), when the
+        # config names that store instead of the SQLite file in ``folder``.
+        self.store_dsn = store_dsn
         self.config = folder / "dbevents.toml"
         self.config.write_text(config)
         self.log = folder / "dbevents.log"
@@ -128,6 +131,8 @@ class Dbevents:
         during a run, so the largest seq is the count), read without a lock."""
         import sqlite3
 
+        if self.store_dsn is not None:
+            return int(self._pg("SELECT max(seq) FROM dbevents.events")[0] or 0)
         if not self.store.exists():
             return 0
         conn = sqlite3.connect(f"file:{self.store}?mode=ro", uri=True, timeout=10)
@@ -146,6 +151,13 @@ class Dbevents:
         reading per transaction, so distinct values count transactions."""
         import sqlite3
 
+        if self.store_dsn is not None:
+            events, enqueues, finishes = self._pg(
+                "SELECT count(*), count(DISTINCT created_at), count(DISTINCT updated_at) "
+                "FROM dbevents.events WHERE status = 'delivered'")
+            attempts = self._pg("SELECT count(*) FROM dbevents.attempts")[0]
+            return {"events": events, "enqueue_txns": enqueues, "finish_txns": finishes,
+                    "attempts": attempts}
         conn = sqlite3.connect(f"file:{self.store}?mode=ro", uri=True, timeout=10)
         try:
             events, enqueues, finishes = conn.execute(
@@ -156,6 +168,18 @@ class Dbevents:
             conn.close()
         return {"events": events, "enqueue_txns": enqueues, "finish_txns": finishes,
                 "attempts": attempts}
+
+    def _pg(self, sql: str) -> tuple[Any, ...]:
+        import psycopg
+
+        assert self.store_dsn is not None
+        try:
+            with psycopg.connect(self.store_dsn, autocommit=True) as conn:
+                row = conn.execute(sql).fetchone()
+        except psycopg.errors.UndefinedTable:  # schema not created yet
+            return (0, 0, 0)
+        assert row is not None
+        return tuple(row)
 
     def captured_lines(self) -> list[tuple[float, int]]:
         """(wall-clock time, changes) of each "captured" log line, in order: the

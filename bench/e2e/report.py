@@ -7,27 +7,33 @@ import os
 import platform
 import sqlite3
 from datetime import UTC, datetime
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from bench.e2e.scenarios import Results, Row, Scale
+from bench import http_clients
+from bench.e2e.scenarios import TARGET_BATCH_RATE, TARGET_P50_MS, TARGET_P99_MS, Results, Row, Scale
 
 METHOD = {
     "1": "A private PostgreSQL (testsupport.servers.PostgresServer) gets a table seeded "
          "before capture starts, then a publication and a slot, then N single-row "
          "transactions from a server-side loop (per ten: 5 inserts of new rows, 3 updates "
          "and 2 deletes of seeded rows; every change touches a different row). Then "
-         "`dbevents run` starts as its own process (SQLite store in a temp folder, the "
-         "trigger's defaults: concurrency 16, one event per POST, log level info to a "
-         "file) and delivers to the receiver, an aiohttp server in its own process. The "
-         "figure is events per second from the first receipt to the last, so it measures "
-         "dbevents (capture, store, dispatch, POST) rather than the writer or the start-up. "
-         "The ceiling: a bare aiohttp client with the sink's pool settings POSTing N "
-         "pre-built payloads of the same shape to the same receiver, 16 in flight. Ceiling "
-         "and dbevents alternate in rounds; medians are reported.",
-    "2": "As 1 with `batch_size = 100` (every POST an array of up to 100 events); the "
-         "ceiling POSTs the same payloads as 100-event arrays.",
+         "`dbevents run` starts as its own process (the trigger's defaults: concurrency "
+         "16, one event per POST, the webhook sink's default transport, log level info to "
+         "a file) and delivers to the receiver, an aiohttp server in its own process. It "
+         "runs once with the SQLite store (a file in a temp folder) and once with the "
+         "PostgreSQL store (a fresh database, schema `dbevents`, on the same private server "
+         "as the source), rows marked `pg`. The figure is events per second from the "
+         "first receipt to the last, so it measures dbevents (capture, store, dispatch, "
+         "POST) rather than the writer or the start-up. The ceiling: every bare HTTP client "
+         "installed (bench/http_clients.py: aiohttp with the sink's pool settings, and each "
+         "native client the environment has) POSTing N pre-built payloads of the same "
+         "shape to the same receiver, 16 in flight; the fastest of them in each round is "
+         "that round's ceiling. Ceiling and dbevents alternate in rounds; medians are "
+         "reported.",
+    "2": "As 1 with `batch_size = 100` (every POST an array of up to 100 events), with "
+         "both stores; the ceiling POSTs the same payloads as 100-event arrays.",
     "3": "A writer thread commits changes at a fixed rate, one transaction each, to a "
          "table with REPLICA IDENTITY FULL (so a delete carries the old row); each row has "
          "a `seq` column set to a number unique per change. The writer notes its wall "
@@ -48,8 +54,8 @@ METHOD = {
          "0.5 s apart. Peak RSS is the dbevents process's VmHWM (/proc/PID/status) once "
          "every event is in the eventing DB; the reference is its RSS idle after start. "
          "Then the receiver answers 200 again and the drain rate is N over the time from "
-         "that switch to the last receipt. Its ceiling is the bare client as in 1, "
-         "measured right after.",
+         "that switch to the last receipt. Its ceiling is the bare clients as in 1, "
+         "measured right after. It runs with each store, as 1.",
     "6": "`pgbench -i -s 1`, then a publication on pgbench_accounts, _branches, _tellers "
          "and _history and a slot, then dbevents watching those four tables, then `pgbench "
          "-n -T SECONDS -c 2` (the built-in TPC-B-like script; -n skips its VACUUM, which "
@@ -68,43 +74,35 @@ METHOD = {
 # about a missed target, and what would move it; shown only for a scenario that
 # missed. Mechanisms, not numbers: the numbers are this run's, above.
 READING = {
-    "1": "One event per POST costs dbevents several times the bare client's CPU per "
+    "1": "One event per POST costs dbevents a few times the bare client's CPU per "
          "event (notes of 1), and its Python runs on about one core: the event loop and "
-         "the SQLite store's single worker thread (store.py: one-thread executor) share "
-         "the GIL, and every store call is handed to that thread and back. The store's "
-         "part is the largest: every event's row is written three times (inserted, "
-         "claimed, finished: `enqueue`, `claim`, `finish` in "
-         "plugins/stores/sqlite/src/dbevents_store_sqlite/eventqueue.py), each time with "
-         "its payload and moving between partial indexes, plus an attempt row and a "
-         "lookup by id (`select_by_ids`); with 16 POSTs in flight the claim and finish "
-         "transactions are small, so their BEGIN IMMEDIATE / COMMIT (`write` in "
-         "connection.py) is paid every few events. On the event-loop thread (its shares "
-         "are under the profile): aiohttp's request and socket write, about what the "
-         "whole bare client spends per event; asyncio's own scheduling (a task per POST, "
-         "a future and a self-pipe wake-up for every store call); one JSON log line per "
-         "POST (structlog's `PrintLogger.msg`, from `Dispatcher._deliver` in "
-         "core/src/dbevents/dispatcher.py); and capture (decoding, matching, the "
-         "CloudEvents envelope with its uuid5 and JSON). py-spy samples a thread that "
-         "waits to take the GIL back at the line it waits on, so the store thread's "
+         "the store's thread (SQLite: its one-thread executor) share the GIL. Events "
+         "are delivered from memory (`enqueue_held` stores them leased to this process "
+         "and the dispatcher never reads them back) and results are recorded in batches "
+         "written by event id (`finish` in "
+         "plugins/stores/sqlite/src/dbevents_store_sqlite/eventqueue.py), so the store's "
+         "thread is the smaller part; the event loop is the limit. On it (shares under "
+         "the profile): the HTTP client's request building, socket write and response "
+         "parsing (aiohttp by default), about what the whole bare client spends per "
+         "event; asyncio's own scheduling around each request; the one JSON `delivery` "
+         "log line per POST (`Dispatcher._deliver` in core/src/dbevents/dispatcher.py, "
+         "rendered by dbevents.logs); the verdict and invocation-log values per attempt; "
+         "and capture (pgoutput decoding, matching, the CloudEvents envelope). py-spy "
+         "samples a thread that waits to take the GIL back at the line it waits on, so "
          "shares include such waits; the CPU split by thread in the notes (from /proc) "
-         "does not. What would move it: fewer, larger "
-         "store transactions (claim ahead of the free capacity, record results on a short "
-         "timer rather than at every wake-up), the single SQLite worker's delivery state "
-         "kept out of the event row (the row written once), and the per-POST log line at "
-         "debug level or rendered more cheaply.",
+         "does not. What would move it: an HTTP transport that does the connection "
+         "work outside the interpreter (the webhook sink's `transport`), and less "
+         "Python per POST around it.",
     "2": "With 100 events per POST the webhook side is nearly free (the ceiling is far "
-         "above), and the SQLite store's thread becomes the bottleneck: in the profile it "
-         "is busy most of the run, in `finish`, `claim` and `enqueue` of eventqueue.py "
-         "(the executemany of the UPDATEs and the INSERT). Each event costs an INSERT "
-         "and two UPDATEs of its row (payload included) with four or five partial "
-         "indexes kept current, plus an attempt row and a lookup by id. "
-         "`bench/store_sqlite.py` on this machine measures the same store at roughly "
-         "6,000 events/s for enqueue -> claim -> finish with nothing else running, the "
-         "order of magnitude seen here; 50,000 events/s needs a store that costs about "
-         "20 µs per event over those three steps, e.g. batched claims by seq range, no "
-         "per-event UPDATE at claim time for a single-worker store, results recorded as "
-         "ranges, and the payload kept apart from the queue row so updates do not "
-         "rewrite it.",
+         "above). What is left per event is capture on the event loop (pgoutput "
+         "decoding, matching, the envelope's JSON and id) and, on the store's side, the "
+         "event's INSERT (`enqueue_held`) and its result (`finish`: an UPDATE of the row "
+         "by id and an attempt row), each with its partial indexes kept current; the "
+         "profile shows which of the two threads is busier. 50,000 events/s needs about "
+         "20 µs per event over all of it on this machine: e.g. the delivery state kept "
+         "apart from the payload row (an UPDATE then rewrites a few bytes), attempts of "
+         "one request recorded as one row, and decoding and the envelope built in one "
+         "pass per row.",
     "3": "The median is inside its target; the tail is what misses. The notes of 3 "
          "locate it: when the slowest changes happened (in bursts, or spread out), how "
          "many of them were in flight during a WAL checkpoint of the store (the SQLite "
@@ -139,7 +137,15 @@ def machine(pg_version: str | None, my_version: str | None) -> dict[str, str]:
         "mariadb": my_version or "not run",
         "sqlite": sqlite3.sqlite_version,
         "aiohttp": version("aiohttp"),
+        **{name: _version_of(name) for name in http_clients.installed() if name != "aiohttp"},
     }
+
+
+def _version_of(client: str) -> str:
+    try:
+        return version(client.split("+")[-1])
+    except PackageNotFoundError:
+        return "?"
 
 
 def _fmt(value: float | None, unit: str) -> str:
@@ -301,21 +307,22 @@ def _bars(ax: Any, rows: list[Row]) -> None:
     mine = ax.bar([i - width / 2 for i in x], [r.figure for r in rows], width,
                   label="dbevents", color="#3b7dd8")
     ceil = ax.bar([i + width / 2 for i in x], [r.ceiling or 0 for r in rows], width,
-                  label="ceiling (bare aiohttp client)", color="#bbbbbb")
+                  label="ceiling (fastest bare client)", color="#bbbbbb")
     for group in (mine, ceil):
         for bar in group:
             h = bar.get_height()
             ax.annotate(f"{h:,.0f}", (bar.get_x() + bar.get_width() / 2, h), ha="center",
                         va="bottom", fontsize=7)
-    ax.set_xticks(x, [{"1": "1: PG, 1/POST", "2": "2: PG, batch 100", "4": "4: MariaDB",
-                       "5 drain": "5: backlog drain"}.get(r.key, r.key) for r in rows],
-                  fontsize=8)
+    ax.set_xticks(x, [{"1": "1: 1/POST", "2": "2: batch 100", "4": "4: MariaDB",
+                       "5 drain": "5: drain", "1 pg": "1: pg store",
+                       "2 pg": "2: pg store", "5 drain pg": "5: drain, pg store",
+                       }.get(r.key, r.key) for r in rows], fontsize=7, rotation=20)
     for i, r in enumerate(rows):
-        if r.key == "2":
-            ax.hlines(50_000, i - 0.45, i + 0.45, colors="#d83b3b", linestyles="--",
-                      linewidth=0.8)
-            ax.annotate("target 50,000", (i, 50_000), fontsize=7, color="#d83b3b",
-                        ha="center", va="bottom")
+        if r.key.split()[0] == "2":
+            ax.hlines(TARGET_BATCH_RATE, i - 0.45, i + 0.45, colors="#d83b3b",
+                      linestyles="--", linewidth=0.8)
+            ax.annotate(f"target {TARGET_BATCH_RATE:,.0f}", (i, TARGET_BATCH_RATE),
+                        fontsize=7, color="#d83b3b", ha="center", va="bottom")
     ax.set_yscale("log")
     ax.set_ylabel("events/s (log scale)")
     ax.set_title("Throughput (median of rounds)")
@@ -331,7 +338,7 @@ def _latency(ax: Any, results: Results) -> None:
         ordered = sorted(max(v, 1e-3) for v in values)
         n = len(ordered)
         ax.plot(ordered, [(i + 1) / n for i in range(n)], label=label, color=color)
-    for ms, text in ((5, "p50 target"), (25, "p99 target")):
+    for ms, text in ((TARGET_P50_MS, "p50 target"), (TARGET_P99_MS, "p99 target")):
         ax.axvline(ms, color="#d83b3b", linestyle="--", linewidth=0.8)
         ax.annotate(text, (ms, 0.35), rotation=90, fontsize=7, color="#d83b3b",
                     ha="right", va="bottom")

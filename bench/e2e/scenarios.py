@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import http_clients
 from bench.e2e import ceiling, workloads
 from bench.e2e.proc import Dbevents, FileWrites, Profiler, gc_pauses, summarise_profile
 from bench.e2e.receiver import ReceiverProcess, Snapshot
@@ -23,9 +24,13 @@ CONCURRENCY = 16  # the trigger's default `concurrency`; the ceilings use the sa
 BATCH = 100
 TARGET_RATIO = 0.9
 TARGET_BATCH_RATE = 50_000.0
-TARGET_P50_MS = 5.0
-TARGET_P99_MS = 25.0
+TARGET_P50_MS = 2.0
+TARGET_P99_MS = 5.0
 TARGET_RSS_MB = 200.0
+
+
+# The eventing-DB stores scenarios 1, 2 and 5 run with: key suffix of their rows, name.
+STORES = {"sqlite": ("", "SQLite store"), "postgres": (" pg", "PostgreSQL store")}
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,9 @@ class Results:
     backlog_switch: float | None = None  # seconds into the timeline: webhook back
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
     missed: dict[str, str] = field(default_factory=dict)  # scenario -> what to profile
-    pipeline_rate_1: float | None = None
+    pipeline_rate_1: dict[str, float] = field(default_factory=dict)  # by store
+    # Every bare client measured for a ceiling: (scenario, client) -> events/s per round.
+    clients: dict[tuple[str, str], list[float]] = field(default_factory=dict)
 
     def note(self, scenario: str, text: str) -> None:
         self.notes.setdefault(scenario, []).append(text)
@@ -94,8 +101,9 @@ class Context:
     results: Results
     pg: PostgresServer | None = None
     my: MariaDBServer | None = None
+    stores: tuple[str, ...] = ("sqlite",)  # for 1, 2 and 5
     # Webhook transports scenario 1 runs with, interleaved; the first gives the
-    # figure, the others a note each. Empty: the sink's default, unnamed.
+    # figure, the others (SQLite store only) a note each. Empty: the sink's default.
     transports: tuple[str, ...] = ()
 
 
@@ -107,6 +115,7 @@ class Run:
     cpu_us: float = 0.0  # CPU of the dbevents process per event
     peak_rss_mb: float = 0.0
     log: dict[str, float] = field(default_factory=dict)  # Dbevents.log_stats()
+    client: str = ""  # a ceiling's: the bare client that set it
 
 
 def _rate(snap: Snapshot, first_request_events: int) -> tuple[float, float]:
@@ -134,13 +143,13 @@ def _miss(figure: float, target: float, lower_is_better: bool = False) -> str:
 
 
 def _pipeline(ctx: Context, folder: Path, cfg: str, n: int, first_events: int,
-              profile: Path | None = None) -> Run:
+              profile: Path | None = None, store_dsn: str | None = None) -> Run:
     """Start dbevents on a database already holding the changes (its slot or
     binlog position set before they were written), and time it from the first
     to the last receipt: the figure is dbevents' rate, not the writer's."""
     ctx.rx.reset()
     folder.mkdir(parents=True)
-    proc = Dbevents(folder, cfg, ctx.log_level).start()
+    proc = Dbevents(folder, cfg, ctx.log_level, store_dsn=store_dsn).start()
     prof = Profiler(proc.pid, profile) if profile else None
     cpu = proc.cpu_seconds()
     loop0, other0 = proc.thread_cpu()
@@ -166,31 +175,62 @@ def _pipeline(ctx: Context, folder: Path, cfg: str, n: int, first_events: int,
                 "other_cpu_us": threads[1] / n * 1e6, "loop_busy": threads[0] / span})
 
 
-def _ceiling(ctx: Context, bodies: list[bytes], events: int, batch: bool) -> Run:
-    ctx.rx.reset()
-    cpu = time.process_time()  # this process does nothing else meanwhile
-    ceiling.post_all(ctx.rx.url(), bodies, CONCURRENCY, batch)
-    cpu = time.process_time() - cpu
-    snap = ctx.rx.snapshot()
-    if snap.events != events:
-        raise RuntimeError(f"ceiling: {snap.events} of {events} events arrived")
-    rate, span = _rate(snap, BATCH if batch else 1)
-    return Run(rate, events, span, cpu / events * 1e6)
+def _ceiling(ctx: Context, bodies: list[bytes], events: int, batch: bool,
+             key: str = "") -> Run:
+    """Every bare HTTP client installed (bench/http_clients.py: aiohttp, and the
+    native ones the environment has) POSTs the payloads to the same receiver;
+    the fastest is the ceiling. Each client's rate is kept under ``key``."""
+    best: Run | None = None
+    for client in http_clients.installed():
+        ctx.rx.reset()
+        cpu = time.process_time()  # this process does nothing else meanwhile
+        http_clients.post_all(client, ctx.rx.url(), bodies, CONCURRENCY, batch)
+        cpu = time.process_time() - cpu
+        snap = ctx.rx.snapshot()
+        if snap.events != events:
+            raise RuntimeError(f"ceiling ({client}): {snap.events} of {events} events arrived")
+        rate, span = _rate(snap, BATCH if batch else 1)
+        if key:
+            ctx.results.clients.setdefault((key, client), []).append(rate)
+        if best is None or rate > best.rate:
+            best = Run(rate, events, span, cpu / events * 1e6, client=client)
+    assert best is not None
+    return best
+
+
+def _ceiling_what(batch: bool = False) -> str:
+    clients = http_clients.installed()
+    return (f"fastest bare client of {len(clients)} ({', '.join(clients)}), same receiver"
+            + (f", {BATCH}-event bodies" if batch else ""))
+
+
+def _store(ctx: Context, store: str, tag: str) -> tuple[str, str | None, str | None]:
+    """(store URL for the config, psycopg DSN of its database or None, that
+    database's name to drop afterwards or None). The PostgreSQL store gets a
+    fresh database on the same private server as the source."""
+    if store == "sqlite":
+        return "sqlite:///events.db", None, None
+    assert ctx.pg is not None
+    db = ctx.pg.create_database(_name(f"store_{tag}"))
+    return f"{ctx.pg.dsn(db)}?schema=dbevents", ctx.pg.dsn(db), db
 
 
 def _pg_run(ctx: Context, n: int, batch_size: int, profile: Path | None = None,
-            transport: str | None = None) -> Run:
+            store: str = "sqlite", transport: str | None = None) -> Run:
     assert ctx.pg is not None
     db = _name("tput")
     workloads.pg_prepare(ctx.pg, db, seed=n)
+    url, dsn, store_db = _store(ctx, store, "tput")
     try:
         workloads.pg_mix(ctx.pg, db, n)
         chosen = {"transport": transport} if transport else {}
-        cfg = workloads.config("sqlite:///events.db", workloads.pg_database(ctx.pg, db),
+        cfg = workloads.config(url, workloads.pg_database(ctx.pg, db),
                                ctx.rx.url(), batch_size=batch_size, **chosen)
-        return _pipeline(ctx, ctx.tmp / db, cfg, n, batch_size, profile)
+        return _pipeline(ctx, ctx.tmp / db, cfg, n, batch_size, profile, dsn)
     finally:
         ctx.pg.drop_database(db)
+        if store_db is not None:
+            ctx.pg.drop_database(store_db)
 
 
 # -- scenarios 1 and 2 -------------------------------------------------------------
@@ -200,64 +240,91 @@ def throughput(ctx: Context, which: set[str]) -> None:
     n, res = ctx.scale.changes, ctx.results
     bodies = ceiling.payloads(n)
     batched = ceiling.batches(bodies, BATCH)
-    runs: dict[str, list[Run]] = {k: [] for k in ("c1", "p1", "c2", "p2")}
+    stores = ctx.stores
+    runs: dict[str, list[Run]] = {}
     first, *others = ctx.transports or (None,)
     alt: dict[str, list[Run]] = {t: [] for t in others if t}
     for r in range(1, ctx.scale.rounds + 1):
         line = []
-        if "1" in which:
-            runs["c1"].append(_ceiling(ctx, bodies, n, batch=False))
-            runs["p1"].append(_pg_run(ctx, n, 1, transport=first))
-            line.append(f"1: {runs['p1'][-1].rate:,.0f} vs ceiling {runs['c1'][-1].rate:,.0f}")
-            for t, got in alt.items():
-                got.append(_pg_run(ctx, n, 1, transport=t))
-                line.append(f"1 ({t}): {got[-1].rate:,.0f}")
-        if "2" in which:
-            runs["c2"].append(_ceiling(ctx, batched, n, batch=True))
-            runs["p2"].append(_pg_run(ctx, n, BATCH))
-            line.append(f"2: {runs['p2'][-1].rate:,.0f} vs ceiling {runs['c2'][-1].rate:,.0f}")
+        for key, batch in (("1", False), ("2", True)):
+            if key not in which:
+                continue
+            c = _ceiling(ctx, batched if batch else bodies, n, batch=batch, key=key)
+            runs.setdefault(f"c{key}", []).append(c)
+            line.append(f"{key}: ceiling {c.rate:,.0f} ({c.client})")
+            for store in stores:
+                run = _pg_run(ctx, n, BATCH if batch else 1, store=store,
+                              transport=None if batch else first)
+                runs.setdefault(f"p{key}{store}", []).append(run)
+                line.append(f"{STORES[store][1]} {run.rate:,.0f}")
+            if not batch:
+                for t, got in alt.items():
+                    got.append(_pg_run(ctx, n, 1, transport=t))
+                    line.append(f"transport {t} {got[-1].rate:,.0f}")
         print(f"  round {r}/{ctx.scale.rounds}: " + "; ".join(line) + " events/s", flush=True)
-    if "1" in which:
-        fig = _median([x.rate for x in runs["p1"]])
-        ceil = _median([x.rate for x in runs["c1"]])
-        res.pipeline_rate_1 = fig
-        met = fig >= TARGET_RATIO * ceil
-        res.rows.append(Row("1", f"PostgreSQL -> webhook, 1 event/POST, {n:,} changes", fig,
-                            "events/s", ceil, "bare aiohttp client, same receiver",
-                            f">= {TARGET_RATIO} x ceiling", met,
-                            "" if met else f"ratio {fig / ceil:.2f}, "
-                            f"{_miss(fig / ceil, TARGET_RATIO)} of {TARGET_RATIO}",
-                            [x.rate for x in runs["p1"]]))
-        if first:
-            res.note("1", f"transport {first}")
-        _run_notes(res, "1", runs["p1"], runs["c1"])
-        for t, got in alt.items():
-            res.note("1", f"the same with transport {t} (interleaved): median "
-                          f"{_median([x.rate for x in got]):,.0f} events/s, ratio "
-                          f"{_median([x.rate for x in got]) / ceil:.2f}, rounds "
-                          + ", ".join(f"{x.rate:,.0f}" for x in got)
-                          + f"; {_median([x.cpu_us for x in got]):,.0f} µs CPU per event, "
-                          f"the event loop {_median([x.log['main_cpu_us'] for x in got]):,.0f}"
-                          f" µs and on a CPU "
-                          f"{_median([x.log['loop_busy'] for x in got]):.0%} of the time")
-        if not met:
-            res.missed["1"] = "throughput, 1 event/POST"
-    if "2" in which:
-        fig = _median([x.rate for x in runs["p2"]])
-        ceil = _median([x.rate for x in runs["c2"]])
-        met = fig >= TARGET_BATCH_RATE
-        res.rows.append(Row("2", f"PostgreSQL -> webhook, batch_size {BATCH}, {n:,} changes",
-                            fig, "events/s", ceil,
-                            f"bare aiohttp client, {BATCH}-event bodies",
-                            f">= {TARGET_BATCH_RATE:,.0f} events/s", met,
-                            "" if met else _miss(fig, TARGET_BATCH_RATE),
-                            [x.rate for x in runs["p2"]]))
-        _run_notes(res, "2", runs["p2"], runs["c2"])
-        if not met:
-            res.missed["2"] = f"throughput, batch_size {BATCH}"
+    for key, batch in (("1", False), ("2", True)):
+        if key not in which:
+            continue
+        ceil = _median([x.rate for x in runs[f"c{key}"]])
+        for store in stores:
+            suffix, label = STORES[store]
+            pipe = runs[f"p{key}{store}"]
+            fig = _median([x.rate for x in pipe])
+            if batch:
+                what = f"PostgreSQL -> webhook, batch_size {BATCH}, {n:,} changes, {label}"
+                met = fig >= TARGET_BATCH_RATE
+                target, miss = (f">= {TARGET_BATCH_RATE:,.0f} events/s",
+                                "" if met else _miss(fig, TARGET_BATCH_RATE))
+            else:
+                res.pipeline_rate_1[store] = fig
+                what = f"PostgreSQL -> webhook, 1 event/POST, {n:,} changes, {label}"
+                met = fig >= TARGET_RATIO * ceil
+                target, miss = (f">= {TARGET_RATIO} x ceiling", "" if met else
+                                f"ratio {fig / ceil:.2f}, "
+                                f"{_miss(fig / ceil, TARGET_RATIO)} of {TARGET_RATIO}")
+            res.rows.append(Row(key + suffix, what, fig, "events/s", ceil,
+                                _ceiling_what(batch), target, met, miss,
+                                [x.rate for x in pipe]))
+            _run_notes(res, key, pipe, runs[f"c{key}"], label if len(stores) > 1 else "")
+            if not met and store == "sqlite":
+                res.missed[key] = (f"throughput, batch_size {BATCH}" if batch
+                                   else "throughput, 1 event/POST")
+        if not batch:
+            _transport_notes(res, first, alt, ceil)
+        _client_notes(res, key)
 
 
-def _run_notes(res: Results, key: str, pipeline: list[Run], ceil: list[Run]) -> None:
+def _transport_notes(res: Results, first: str | None, alt: dict[str, list[Run]],
+                     ceil: float) -> None:
+    """Scenario 1 with other webhook transports, interleaved with the figure's."""
+    if first:
+        res.note("1", f"transport {first}")
+    for t, got in alt.items():
+        rate = _median([x.rate for x in got])
+        res.note("1", f"the same with transport {t} (SQLite store, interleaved): median "
+                      f"{rate:,.0f} events/s, ratio {rate / ceil:.2f}, rounds "
+                      + ", ".join(f"{x.rate:,.0f}" for x in got)
+                      + f"; {_median([x.cpu_us for x in got]):,.0f} µs CPU per event, "
+                      f"the event loop {_median([x.log['main_cpu_us'] for x in got]):,.0f}"
+                      f" µs and on a CPU "
+                      f"{_median([x.log['loop_busy'] for x in got]):.0%} of the time")
+
+
+def _client_notes(res: Results, key: str) -> None:
+    """Every bare client of the ceiling, fastest first (median of its rounds)."""
+    seen = {c: rates for (k, c), rates in res.clients.items() if k == key}
+    if not seen:
+        return
+    ranked = sorted(seen.items(), key=lambda kv: -_median(kv[1]))
+    res.note(key, "bare clients for the ceiling (median events/s of the rounds; the "
+             "ceiling of each round is its fastest): " + ", ".join(
+                 f"{c} {_median(r):,.0f}" for c, r in ranked))
+
+
+def _run_notes(res: Results, key: str, pipeline: list[Run], ceil: list[Run],
+               label: str = "") -> None:
+    if label:
+        res.note(key, f"**{label}**:")
     res.note(key, "rounds (dbevents / ceiling, events/s): " + ", ".join(
         f"{p.rate:,.0f} / {c.rate:,.0f}" for p, c in zip(pipeline, ceil, strict=True)))
     res.note(key, f"dbevents process: {_median([p.cpu_us for p in pipeline]):,.0f} µs CPU "
@@ -277,7 +344,7 @@ def _run_notes(res: Results, key: str, pipeline: list[Run], ceil: list[Run]) -> 
     if split:
         res.note(key, "CPU per event by thread (medians): the event loop "
                  f"{_median([g['main_cpu_us'] for g in split]):,.0f} µs, the other threads "
-                 f"(the SQLite store's worker, mostly) "
+                 f"(the store's: SQLite's worker, or the PostgreSQL driver's) "
                  f"{_median([g['other_cpu_us'] for g in split]):,.0f} µs; the event-loop "
                  f"thread was on a CPU {_median([g['loop_busy'] for g in split]):.0%} of the "
                  "time (a CPU-bound event loop is near 100%)")
@@ -468,16 +535,17 @@ def mariadb(ctx: Context) -> None:
     pipe: list[Run] = []
     ceil: list[Run] = []
     for r in range(1, ctx.scale.rounds + 1):
-        ceil.append(_ceiling(ctx, bodies, n, batch=False))
+        ceil.append(_ceiling(ctx, bodies, n, batch=False, key="4"))
         pipe.append(_my_run(ctx, n, 3_000_000_000 + r))
         print(f"  round {r}/{ctx.scale.rounds}: {pipe[-1].rate:,.0f} vs ceiling "
               f"{ceil[-1].rate:,.0f} events/s", flush=True)
     fig, c = _median([x.rate for x in pipe]), _median([x.rate for x in ceil])
     res.rows.append(Row("4", f"MariaDB -> webhook, 1 event/POST, {n:,} inserts", fig,
-                        "events/s", c, "bare aiohttp client, same receiver",
+                        "events/s", c, _ceiling_what(),
                         "(none set; 1's is >= 0.9 x ceiling)", None, "",
                         [x.rate for x in pipe]))
     _run_notes(res, "4", pipe, ceil)
+    _client_notes(res, "4")
     if fig < TARGET_RATIO * c:
         res.missed["4"] = "MariaDB throughput"
 
@@ -506,18 +574,25 @@ class _RssSampler(threading.Thread):
 
 
 def backlog(ctx: Context) -> None:
+    for store in ctx.stores:
+        _backlog(ctx, store)
+
+
+def _backlog(ctx: Context, store: str) -> None:
     assert ctx.pg is not None
     n, res = ctx.scale.backlog, ctx.results
+    suffix, label = STORES[store]
     db = _name("backlog")
     workloads.pg_prepare(ctx.pg, db, seed=n)
+    url, dsn, store_db = _store(ctx, store, "backlog")
     folder = ctx.tmp / db
     folder.mkdir()
     # Retries enough for any outage, and a short backoff cap, so draining starts
     # within half a second of the webhook coming back.
-    cfg = workloads.config("sqlite:///events.db", workloads.pg_database(ctx.pg, db),
+    cfg = workloads.config(url, workloads.pg_database(ctx.pg, db),
                            ctx.rx.url(), retries=1_000_000, backoff_base=100, backoff_max=500)
     ctx.rx.reset(status=503)
-    proc = Dbevents(folder, cfg, ctx.log_level).start()
+    proc = Dbevents(folder, cfg, ctx.log_level, store_dsn=dsn).start()
     sampler = _RssSampler(proc)
     sampler.start()
     try:
@@ -532,7 +607,6 @@ def backlog(ctx: Context) -> None:
         peak_capture = proc.peak_rss_mb()
         down = ctx.rx.snapshot()
         switched = ctx.rx.set_status(200)
-        res.backlog_switch = switched - sampler.started
         cpu = proc.cpu_seconds()
         snap = ctx.rx.wait_events(n, stall=120)
         cpu = proc.cpu_seconds() - cpu
@@ -543,26 +617,34 @@ def backlog(ctx: Context) -> None:
         finally:
             code = proc.stop()
             ctx.pg.drop_database(db)
+            if store_db is not None:
+                ctx.pg.drop_database(store_db)
     if code != 0:
         raise RuntimeError(f"dbevents exited {code}:\n{proc.tail()}")
     assert snap.last is not None
     drain = n / (snap.last - switched)
-    res.rss_timeline = sampler.samples
+    if store == "sqlite" or not res.rss_timeline:  # the plot shows one: SQLite's
+        res.rss_timeline = sampler.samples
+        res.backlog_switch = switched - sampler.started
     # The webhook ceiling again, right after, on the same receiver.
     m = min(n, ctx.scale.changes)
-    ceil = _ceiling(ctx, ceiling.payloads(m), m, batch=False)
+    ceil = _ceiling(ctx, ceiling.payloads(m), m, batch=False, key="5")
     met_rss = peak_capture <= TARGET_RSS_MB
-    res.rows.append(Row("5 rss", f"backlog of {n:,} changes, webhook down: peak RSS",
+    res.rows.append(Row("5 rss" + suffix,
+                        f"backlog of {n:,} changes, webhook down: peak RSS, {label}",
                         peak_capture, "MB", idle, "RSS of the same process idle after start",
                         f"<= {TARGET_RSS_MB:.0f} MB", met_rss,
                         "" if met_rss else _miss(peak_capture, TARGET_RSS_MB, True)))
-    want = res.pipeline_rate_1
+    want = res.pipeline_rate_1.get(store)
     met_drain = None if want is None else drain >= want
-    res.rows.append(Row("5 drain", f"backlog of {n:,} drained once the webhook is back",
-                        drain, "events/s", ceil.rate, "bare aiohttp client, same receiver",
+    res.rows.append(Row("5 drain" + suffix,
+                        f"backlog of {n:,} drained once the webhook is back, {label}",
+                        drain, "events/s", ceil.rate, _ceiling_what(),
                         f">= rate in 1 ({want:,.0f})" if want else ">= rate in 1 (not run)",
                         met_drain, "" if met_drain in (None, True) else
                         _miss(drain, want or 1)))
+    if len(ctx.stores) > 1:
+        res.note("5", f"**{label}**:")
     res.note("5", f"{n:,} single-row changes written in {written:.0f} s and stored by "
                   f"dbevents {captured:.0f} s after the writes began, while the receiver "
                   f"answered 503 ({down.refused:,} failed attempts meanwhile, each retried "
@@ -573,9 +655,9 @@ def backlog(ctx: Context) -> None:
                   f"to 200, {cpu / n * 1e6:,.0f} µs CPU per event; ceiling "
                   f"{ceil.rate:,.0f} events/s")
     if not met_rss:
-        res.missed["5 rss"] = "backlog memory"
+        res.missed["5 rss" + suffix] = "backlog memory"
     if met_drain is False:
-        res.missed["5"] = "backlog drain"
+        res.missed["5" + suffix] = "backlog drain"
 
 
 def _wait(done: Callable[[], bool], what: str, stall: float,

@@ -4,11 +4,14 @@ a database hands over."""
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
-from dbevents.envelope import build_event, dumps, event_id, iso_time
+from dbevents.envelope import NAMESPACE, build_event, dumps, event_id, iso_time, payload
 from dbevents.values import Change, Operation, RawJSON, Trigger
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 T = Trigger(name="t", url="http://x")
 
@@ -80,3 +83,27 @@ def test_raw_json_beside_a_lone_surrogate_is_escaped_to_ascii() -> None:
     assert out.isascii()
     assert out == (b'{"bad":"\\ud800","j":{"s": "\\u00e9\\ud83d\\ude00", "n": 1.50}}')
     assert json.loads(out)["j"] == {"s": "é😀", "n": 1.5}
+
+
+@settings(max_examples=300, deadline=None)
+@given(database=st.text(), key=st.text(), trigger=st.text())
+def test_event_id_is_uuid5_of_the_change_and_trigger(database: str, key: str,
+                                                     trigger: str) -> None:
+    # uuid5 encodes its name as UTF-8: text with lone surrogates is not a name.
+    assume(all(not 0xD800 <= ord(c) <= 0xDFFF for c in database + key + trigger))
+    assert event_id(database, key, trigger) == str(
+        uuid.uuid5(NAMESPACE, f"{database}\x00{key}\x00{trigger}"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=st.dictionaries(st.text(max_size=5), st.none() | st.booleans() | st.integers()
+                           | st.floats() | st.text(max_size=8), max_size=4),
+       source=st.text(max_size=8), op=st.sampled_from(list(Operation)),
+       when=st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=-5))])))
+def test_the_envelope_is_the_payload_dict_encoded(doc: dict[str, object], source: str,
+                                                  op: Operation, when: datetime) -> None:
+    """build_event writes the envelope around `data` itself: byte for byte what
+    encoding the whole payload dict gives, lone surrogates and NaN included."""
+    change = Change("app", "sql-postgres", "items", op, "0/1:2", when, "7", doc, {"old": None})
+    ev = build_event(change, Trigger(name="t", url="http://x"), source)
+    assert ev.payload == dumps(payload(change, ev.id, source))

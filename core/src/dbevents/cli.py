@@ -73,6 +73,7 @@ class State:
 
 
 def fail(exc: DbeventsError) -> None:
+    logs.flush()  # log lines still waiting come first, as they happened
     click.echo(scrub(f"error: {exc}"), err=True)
     sys.exit(exc.exit_code)
 
@@ -180,6 +181,7 @@ def run(state: State) -> None:
                 engine.stop()
             else:
                 log.warning("second signal: exiting now")
+                logs.flush()  # os._exit runs no atexit hooks
                 os._exit(130)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -190,6 +192,8 @@ def run(state: State) -> None:
         asyncio.run(main())
     except DbeventsError as exc:
         fail(exc)
+    finally:
+        logs.flush()  # the lines still waiting, before anything printed after
 
 
 @cli.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import re
@@ -15,7 +16,7 @@ from typing import Any, cast
 
 import structlog
 
-from dbevents.values import Attempt, Change, Event, RawJSON, Trigger
+from dbevents.values import Attempt, Change, Event, Operation, RawJSON, Trigger
 
 log = structlog.get_logger("dbevents.envelope")
 
@@ -24,15 +25,27 @@ NAMESPACE = uuid.UUID("6f1c1c0e-8a3f-5b7e-9d2a-3c4b5d6e7f80")
 
 
 def event_id(database: str, change_key: str, trigger: str) -> str:
-    return str(uuid.uuid5(NAMESPACE, f"{database}\x00{change_key}\x00{trigger}"))
+    """str(uuid.uuid5(NAMESPACE, ...)), without the UUID object in between (one
+    per event): the same SHA-1 bytes, version and variant bits, spelling."""
+    digest = bytearray(hashlib.sha1(
+        _NAMESPACE_BYTES + f"{database}\x00{change_key}\x00{trigger}".encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_NAMESPACE_BYTES = NAMESPACE.bytes
 
 
 def iso_time(t: datetime) -> str:
     """ISO 8601 UTC with milliseconds, e.g. 2019-10-19T12:40:50.053Z."""
     if t.tzinfo is None:
         t = t.replace(tzinfo=UTC)
-    t = t.astimezone(UTC)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+    elif t.tzinfo is not UTC:
+        t = t.astimezone(UTC)
+    # isoformat: "...50.053+00:00" (milliseconds truncated, as before).
+    return t.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 # A RawJSON value is written as a placeholder string the encoder cannot produce
@@ -75,18 +88,23 @@ def dumps(obj: Any) -> bytes:
     """Valid JSON whatever the database handed over: strings that are not valid
     UTF-8 (lone surrogates from a json column's escapes) are written as JSON
     \\u escapes, and NaN/Infinity (not JSON) as the strings "NaN", "Infinity"."""
+    return _dumps(obj)[0]
+
+
+def _dumps(obj: Any) -> tuple[bytes, bool]:
+    """dumps(), and whether it had to escape everything beyond ASCII."""
     _raw.found = found = cast(list[str], [])
     try:
         text = _encoder.encode(obj)
         if found:
             text = _PLACEHOLDER.sub(lambda m: found[int(m.group(1))], text)
-        return text.encode("utf-8")
+        return text.encode("utf-8"), False
     except (UnicodeEncodeError, ValueError):
         found.clear()
         text = _ascii_encoder.encode(_finite(obj))
         if found:
             text = _PLACEHOLDER.sub(lambda m: _ascii(found[int(m.group(1))]), text)
-        return text.encode("ascii")
+        return text.encode("ascii"), True
 
 
 def _ascii(raw: str) -> str:
@@ -133,7 +151,7 @@ def payload(change: Change, id_: str, source_id: str) -> dict[str, Any]:
 def build_event(change: Change, trigger: Trigger, source_id: str) -> Event:
     id_ = event_id(change.database, change.key, trigger.name)
     try:
-        body = dumps(payload(change, id_, source_id))
+        body = _envelope(change, id_, source_id)
     except Exception as exc:
         # One row that cannot be encoded must not stop capture for good (the
         # replay would fail the same way): send the event without its row,
@@ -146,16 +164,39 @@ def build_event(change: Change, trigger: Trigger, source_id: str) -> Event:
         broken["data"] = {"db": change.db_type, "col": change.table, "docId": change.doc_id,
                           "doc": None, "error": f"the row could not be encoded: {reason}"}
         body = dumps(broken)
-    return Event(
-        id=id_,
-        trigger=trigger.name,
-        database=change.database,
-        db_type=change.db_type,
-        table=change.table,
-        doc_id=change.doc_id,
-        type=change.operation.event_type,
-        payload=body,
-    )
+    type_ = _TYPES[change.operation][0]
+    # Positional: the fields in their declared order (one Event per event).
+    return Event(id_, trigger.name, change.database, change.db_type, change.table,
+                 change.doc_id, type_, body)
+
+
+# The envelope around `data` as dumps(payload(...)) writes it, byte for byte: its
+# other members are ASCII (the source id aside, encoded once per source id), so
+# only `data` is encoded per event.
+_sources: dict[str, tuple[bytes, bytes]] = {}
+_TYPES = {op: (op.event_type, op.event_type.encode()) for op in Operation}
+
+
+def _envelope(change: Change, id_: str, source_id: str) -> bytes:
+    data: dict[str, Any] = {
+        "db": change.db_type,
+        "col": change.table,
+        "docId": change.doc_id,
+        "doc": change.doc,
+    }
+    if change.extra:
+        data.update(change.extra)
+    body, escaped = _dumps(data)
+    source = _sources.get(source_id)
+    if source is None:
+        if len(_sources) > 64:
+            _sources.clear()
+        source = _sources[source_id] = (dumps(source_id), _ascii_encoder.encode(
+            source_id).encode("ascii"))
+    head = (b'{"specversion":"1.0","id":"' + id_.encode() + b'","type":"'
+            + _TYPES[change.operation][1] + b'","source":' + source[escaped]
+            + b',"time":"' + iso_time(change.time).encode() + b'","data":')
+    return head + body + b"}"
 
 
 def batch_body(payloads: Sequence[bytes]) -> bytes:

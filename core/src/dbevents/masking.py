@@ -138,6 +138,10 @@ def forget_secrets() -> None:
     _pattern = None
 
 
+def has_secrets() -> bool:
+    return _pattern is not None
+
+
 def scrub(text: str) -> str:
     """The text with every known secret replaced by the mask."""
     if _pattern is None:

@@ -253,6 +253,26 @@ async def test_an_event_finished_twice_in_one_batch_keeps_its_row_moving(
     assert [e.id for e in await store.claim({"t": 10}, LEASE, now)] == [a2.id]
 
 
+async def test_a_batch_with_an_event_no_longer_active_is_recorded_whole(
+        open_sqlite: OpenStore) -> None:
+    """Results are written by id without reading the events first while every
+    one is still active; one that is not (a late result for an event already
+    finished) sends the whole batch the long way, and nothing of the first try
+    stays."""
+    store = await open_sqlite()
+    a1, b1, b2 = make_event(doc_id="a"), make_event(doc_id="b"), make_event(doc_id="b")
+    await store.enqueue([a1, b1, b2], {})
+    now = datetime.now(UTC)
+    assert [e.id for e in await store.claim({"t": 10}, LEASE, now)] == [a1.id, b1.id]
+    await store.finish([_finish(a1, "delivered")])
+    await store.finish([_finish(b1, "delivered"), _finish(a1, "retry", now)])
+    # b1 done: b2 heads row b; a1 back to pending heads row a again.
+    assert [e.id for e in await store.claim({"t": 10}, LEASE, now)] == [a1.id, b2.id]
+    assert [len(await store.attempts(e.id)) for e in (a1, b1, b2)] == [2, 1, 0]
+    got = await store.get_event(b1.id)
+    assert got is not None and got.status is Status.DELIVERED
+
+
 async def test_find_event_ids_by_prefix(open_sqlite: OpenStore) -> None:
     store = await open_sqlite()
     ids = ["ab_1", "ab%2", "abc3", "abx", "b"]

@@ -96,6 +96,27 @@ UPDATE events SET status = ?, attempts = ?, next_attempt_at = ?, due_at = ?, upd
                   last_error = ?, head = ?
 WHERE seq = ?
 """
+# The same, for an event known by id that is still active (pending, or
+# delivering: held or claimed by this worker), as nearly every finished event
+# is: no read-back. Its head flag stays while it stays active (?8).
+_FINISH_ACTIVE = f"""
+UPDATE events SET status = ?1, attempts = ?2, next_attempt_at = ?3, due_at = ?4,
+                  updated_at = ?5, last_error = ?6, head = CASE WHEN ?8 THEN head ELSE 0 END
+WHERE id = ?7 AND {ACTIVE_SQL}
+"""
+_INSERT_ATTEMPT_BY_ID = """
+INSERT INTO attempts (event_seq, number, started_at, duration_ms, ok, status_code, error,
+                      request_headers, batch_size, response_body, request_id, batch_index)
+VALUES ((SELECT seq FROM events WHERE id = ?), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+# _PROMOTE for the row of the event with id ?1.
+_PROMOTE_BY_ID = f"""
+UPDATE events SET head = 1
+WHERE seq = (SELECT min(a.seq) FROM events AS e, events AS a INDEXED BY events_active
+             WHERE e.id = ?1 AND {ACTIVE_SQL.replace("status", "a.status", 1)}
+               AND a.trigger_name = e.trigger_name AND a.doc_id IS e.doc_id)
+  AND head = 0
+"""
 # After a head finished: the oldest remaining active event of its row heads it.
 _PROMOTE = f"""
 UPDATE events SET head = 1
@@ -221,43 +242,83 @@ def finish(conn: sqlite3.Connection, results: Sequence[Finish]) -> None:
     now = now_us()
 
     def body(conn: sqlite3.Connection) -> None:
-        # id -> [seq, trigger, doc_id, status, head], kept current through the batch
-        # (the same event may be finished twice in one batch).
-        state = {r[0]: list(r[1:]) for r in select_by_ids(
-            conn, "id, seq, trigger_name, doc_id, status, head", [f.event_id for f in results])}
-        attempts: list[tuple[Any, ...]] = []
-        updates: list[tuple[Any, ...]] = []
-        left: dict[Row, None] = {}  # rows an event left: the next one may head them
-        came_back: dict[Row, int | None] = {}  # rows an event re-entered: their old head
-        done = encoded()  # once per request, not per event: see attempt_row
-        for f in results:
-            ev = state.get(f.event_id)
-            if ev is None:
-                continue  # purged meanwhile: nothing to record against
-            seq, trigger, doc_id, status, head = ev
-            attempts.append(attempt_row(seq, f.attempt, done))
-            was_active, active = status in _ACTIVE_VALUES, f.status in ACTIVE
-            nxt = to_us(f.next_attempt_at) if f.next_attempt_at else None
-            if active:
-                nxt = now if nxt is None else nxt
-            due = nxt if active else None
-            if was_active and not active:
-                left[(trigger, doc_id)] = None
-            elif active and not was_active and (trigger, doc_id) not in came_back:
-                # Only a finish for an event that was no longer in flight (e.g.
-                # redelivered meanwhile) gets here.
-                came_back[(trigger, doc_id)] = row_head(conn, (trigger, doc_id))
-            new_head = head if was_active and active else 0
-            updates.append((f.status.value, f.attempt.number, nxt, due, now,
-                            None if f.attempt.ok else clean_text(f.attempt.error),
-                            new_head, seq))
-            ev[3], ev[4] = f.status.value, new_head
-        conn.executemany(_INSERT_ATTEMPT, attempts)
-        conn.executemany(_FINISH, updates)
-        conn.executemany(_PROMOTE, [row for row in left if row not in came_back])
-        fix_heads(conn, came_back)
+        if len({f.event_id for f in results}) == len(results):
+            conn.execute("SAVEPOINT finish_active")
+            if _finish_active(conn, results, now):
+                conn.execute("RELEASE finish_active")
+                return
+            # Some event was no longer active (redelivered, finished or purged
+            # meanwhile): the whole batch the long way, reading each event first.
+            conn.execute("ROLLBACK TO finish_active")
+            conn.execute("RELEASE finish_active")
+        _finish_read(conn, results, now)
 
     write(conn, body)
+
+
+def _finish_active(conn: sqlite3.Connection, results: Sequence[Finish], now: int) -> bool:
+    """finish() when every event in ``results`` is still active and appears once:
+    the rows are written by id, nothing read back. False (the caller rolls
+    back) when that does not hold."""
+    updates: list[tuple[Any, ...]] = []
+    attempts: list[tuple[Any, ...]] = []
+    left: list[tuple[str]] = []  # events leaving their row: the next one may head it
+    done = encoded()
+    for f in results:
+        active = f.status in ACTIVE
+        nxt = to_us(f.next_attempt_at) if f.next_attempt_at else None
+        if active:
+            nxt = now if nxt is None else nxt
+        else:
+            left.append((f.event_id,))
+        updates.append((f.status.value, f.attempt.number, nxt, nxt if active else None, now,
+                        None if f.attempt.ok else clean_text(f.attempt.error), f.event_id,
+                        active))
+        attempts.append(attempt_row(f.event_id, f.attempt, done))
+    if conn.executemany(_FINISH_ACTIVE, updates).rowcount != len(updates):
+        return False
+    conn.executemany(_INSERT_ATTEMPT_BY_ID, attempts)
+    conn.executemany(_PROMOTE_BY_ID, left)
+    return True
+
+
+def _finish_read(conn: sqlite3.Connection, results: Sequence[Finish], now: int) -> None:
+    """finish() reading each event first: its row, status and head flag."""
+    # id -> [seq, trigger, doc_id, status, head], kept current through the batch
+    # (the same event may be finished twice in one batch).
+    state = {r[0]: list(r[1:]) for r in select_by_ids(
+        conn, "id, seq, trigger_name, doc_id, status, head", [f.event_id for f in results])}
+    attempts: list[tuple[Any, ...]] = []
+    updates: list[tuple[Any, ...]] = []
+    left: dict[Row, None] = {}  # rows an event left: the next one may head them
+    came_back: dict[Row, int | None] = {}  # rows an event re-entered: their old head
+    done = encoded()  # once per request, not per event: see attempt_row
+    for f in results:
+        ev = state.get(f.event_id)
+        if ev is None:
+            continue  # purged meanwhile: nothing to record against
+        seq, trigger, doc_id, status, head = ev
+        attempts.append(attempt_row(seq, f.attempt, done))
+        was_active, active = status in _ACTIVE_VALUES, f.status in ACTIVE
+        nxt = to_us(f.next_attempt_at) if f.next_attempt_at else None
+        if active:
+            nxt = now if nxt is None else nxt
+        due = nxt if active else None
+        if was_active and not active:
+            left[(trigger, doc_id)] = None
+        elif active and not was_active and (trigger, doc_id) not in came_back:
+            # Only a finish for an event that was no longer in flight (e.g.
+            # redelivered meanwhile) gets here.
+            came_back[(trigger, doc_id)] = row_head(conn, (trigger, doc_id))
+        new_head = head if was_active and active else 0
+        updates.append((f.status.value, f.attempt.number, nxt, due, now,
+                        None if f.attempt.ok else clean_text(f.attempt.error),
+                        new_head, seq))
+        ev[3], ev[4] = f.status.value, new_head
+    conn.executemany(_INSERT_ATTEMPT, attempts)
+    conn.executemany(_FINISH, updates)
+    conn.executemany(_PROMOTE, [row for row in left if row not in came_back])
+    fix_heads(conn, came_back)
 
 
 def fix_heads(conn: sqlite3.Connection, heads_before: Mapping[Row, int | None]) -> None:

@@ -80,8 +80,10 @@ def encoded() -> Encoded:
     return {}, {}, {}
 
 
-def attempt_row(seq: int, attempt: Attempt, done: Encoded | None = None) -> tuple[Any, ...]:
-    """The attempts table's row. ``done`` (one per transaction) keeps what was
+def attempt_row(seq: int | str, attempt: Attempt,
+                done: Encoded | None = None) -> tuple[Any, ...]:
+    """The attempts table's row (``seq``: the event's, or its id where the
+    statement looks the seq up). ``done`` (one per transaction) keeps what was
     already encoded: the events of one request share its Outcome's headers,
     response body and error objects, so a batch of 100 encodes them once (each
     object stays alive, and so keeps its id, while the caller holds the results)."""
