@@ -241,7 +241,12 @@ class ReplicationStream:
 
         self._loop.add_reader(self._fd, wake)
         try:
-            await asyncio.wait_for(ready, self._receive_timeout)
+            # Not asyncio.wait_for: before Python 3.12 it returns normally when
+            # the socket turns readable just as the task is cancelled, and the
+            # cancellation is lost: the reader went on streaming after capture
+            # stopped, nobody waited for it, and its session kept the slot.
+            async with asyncio.timeout(self._receive_timeout):
+                await ready
         except TimeoutError:
             raise ConnectionLost(
                 f"no message from the server in {self._receive_timeout:g}s") from None
