@@ -16,9 +16,9 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -45,10 +45,25 @@ from dbevents.services import make_services
 from dbevents.values import ChangeBatch, Event, Position, Status
 
 log = structlog.get_logger("dbevents.engine")
+T = TypeVar("T")
 
 QUEUE_BATCHES = 8  # decoded batches buffered ahead of the store per source
 MAX_CHANGES_PER_TXN = 5000  # batches coalesced into one store transaction
 RETENTION_EVERY = 60.0  # seconds between retention sweeps
+CAPTURE_STOP_WAIT = 10.0  # seconds a capture that lost its lease has to stop
+
+
+async def _within(seconds: float, call: Awaitable[T]) -> T:
+    """``call``, or TimeoutError after ``seconds``. Not asyncio.wait_for: before
+    Python 3.12 it returns normally when the call completes just as the caller
+    is cancelled, and the cancellation is lost."""
+    async with asyncio.timeout(seconds):
+        return await call
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # the lease is gone: how the capture ended no longer matters
 
 
 def make_store(url: str, plugins: Plugins, config_dir: Any,
@@ -187,9 +202,9 @@ class Engine:
     async def _acquire(self, name: str, leases: LeasesCapture) -> int | None:
         every = self.config.eventing.capture_lease / 3
         try:
-            token = await asyncio.wait_for(
-                leases.acquire_capture(name, self.holder, self.config.eventing.capture_lease),
-                every)
+            token = await _within(
+                every, leases.acquire_capture(name, self.holder,
+                                              self.config.eventing.capture_lease))
         except Exception as exc:  # a timeout too
             log.warning("capture lease: store unreachable; trying again", database=name,
                         error=str(exc) or type(exc).__name__, retry_in=round(every, 1))
@@ -257,9 +272,8 @@ class Engine:
                     return "capture ended"
                 asked = time.monotonic()
                 try:
-                    kept = await asyncio.wait_for(
-                        leases.renew_capture(name, self.holder, token, ttl),
-                        max(0.05, valid_until - asked - every / 2))
+                    kept = await _within(max(0.05, valid_until - asked - every / 2),
+                                         leases.renew_capture(name, self.holder, token, ttl))
                 except Exception as exc:  # a timeout too
                     return f"renewing the lease failed: {str(exc) or type(exc).__name__}"
                 if not kept:
@@ -273,13 +287,16 @@ class Engine:
         finally:
             if capture is not None:
                 capture.cancel()
-                await asyncio.gather(capture, return_exceptions=True)
+                # Bounded: closing the source below ends whatever read is left.
+                capture.add_done_callback(_retrieve)
+                if not (await asyncio.wait({capture}, timeout=CAPTURE_STOP_WAIT))[0]:
+                    log.warning("capture did not stop in time; closing the source",
+                                database=name)
             with contextlib.suppress(Exception):
                 await source.close()
             if stopping:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(
-                        leases.release_capture(name, self.holder, token), 5.0)
+                    await _within(5.0, leases.release_capture(name, self.holder, token))
 
     async def _anchor(self, name: str, source: Source) -> None:
         """A database seen for the first time, whose source starts at "now": that
