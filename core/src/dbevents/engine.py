@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -96,6 +97,8 @@ class Engine:
         # config: each source is captured by whichever holds its lease.
         self.leases: LeasesCapture | None = capture_leasing(self.store)
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # source -> until when (monotonic) its lease is surely this process's.
+        self._lease_until: dict[str, float] = {}
         self.sinks: dict[str, Sink] = dict(sinks or {})
         for trigger in config.triggers:
             if trigger.sink not in self.sinks:
@@ -108,6 +111,8 @@ class Engine:
                 tables=self.matcher.tables_for(name),
                 operations=self.matcher.operations_for(name),
                 config_dir=config.dir, leased=self.leases is not None,
+                lease_held=(functools.partial(self._lease_held, name)
+                            if self.leases is not None else None),
             ))
         self.dispatcher = Dispatcher(self.store, config.triggers, self.sinks)
         self.observers = self.dispatcher.observers = make_observers(config, plugins)
@@ -199,6 +204,9 @@ class Engine:
         await self._anchor(name, source)
 
     # -- capture leases ----------------------------------------------------------
+    def _lease_held(self, name: str) -> bool:
+        return self._lease_until.get(name, 0.0) > time.monotonic()
+
     async def _acquire(self, name: str, leases: LeasesCapture) -> int | None:
         every = self.config.eventing.capture_lease / 3
         try:
@@ -254,7 +262,7 @@ class Engine:
         ttl = self.config.eventing.capture_lease
         every = ttl / 3
         # Counted from before the acquire was sent: never later than the store's expiry.
-        valid_until = asked + ttl
+        valid_until = self._lease_until[name] = asked + ttl
         capture: asyncio.Task[None] | None = None
         stopping = False
         try:
@@ -278,13 +286,14 @@ class Engine:
                     return f"renewing the lease failed: {str(exc) or type(exc).__name__}"
                 if not kept:
                     return "another process took the lease over"
-                valid_until = asked + ttl
+                valid_until = self._lease_until[name] = asked + ttl
         except CaptureLost as exc:
             return str(exc)
         except asyncio.CancelledError:
             stopping = True
             raise
         finally:
+            self._lease_until.pop(name, None)
             if capture is not None:
                 capture.cancel()
                 # Bounded: closing the source below ends whatever read is left.

@@ -49,6 +49,13 @@ class SourceSettings:
     # going away) is waited for, not refused as a second configuration. Default
     # False: the source may refuse it at start().
     leased: bool = False
+    # With ``leased``: True while this process holds the source's capture lease,
+    # judged from its own clock and never later than the store would let the
+    # lease run out (False once a pause outlasted it). A source reading for the
+    # holder may then end a reader it finds attached, which can only be a
+    # previous holder's, fenced by the store, instead of waiting for the
+    # database to drop it. None: never end another reader.
+    lease_held: Callable[[], bool] | None = None
 
 
 @runtime_checkable
