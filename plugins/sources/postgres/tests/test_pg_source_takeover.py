@@ -123,3 +123,18 @@ async def test_a_holder_not_allowed_to_end_the_reader_waits_for_it(pg: PgEnv,
     [refused] = [e for e in logs if e["event"].startswith("cannot end the previous reader")]
     assert refused["slot"] == holder.slot and "superuser" in refused["error"]
     assert pg.slot(first)["pid"] == walsender
+
+
+async def test_a_close_cancelled_half_way_closes_and_stays_cancelled(pg: PgEnv) -> None:
+    """The stream's close waits for its status timer to end; a cancellation of
+    the closing task arriving then is kept (a reader stopped while it closed a
+    broken stream went on reconnecting), and the session is closed anyway."""
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    source = await pg.started(tables=["t"])
+    stream = await ReplicationStream.open(pg.url, source.slot, [source.publication], 0, 0)
+    closing = asyncio.create_task(stream.close())
+    await asyncio.sleep(0)  # it runs first, up to waiting for its timer
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    pg.wait_slot_released(source.slot)

@@ -309,10 +309,13 @@ class ReplicationStream:
             return
         self._closed = True
         self._timer.cancel()
-        with contextlib.suppress(BaseException):
-            await self._timer
         if self._writer:
             with contextlib.suppress(Exception):
                 self._loop.remove_writer(self._fd)
         with contextlib.suppress(Exception):
             await self._conn.close()
+        # Not a suppressed `await self._timer`: that also swallowed a
+        # cancellation of the task closing the stream (a reader stopped just as
+        # its stream broke went on reconnecting). The session is closed first,
+        # so being cancelled here leaves nothing open.
+        await asyncio.wait({self._timer})
