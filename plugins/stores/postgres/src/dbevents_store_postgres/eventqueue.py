@@ -291,18 +291,20 @@ ORDER BY e.due_at LIMIT 1
 
 
 # The holders of the queue lock whose client has been frozen in the middle of a
-# pipelined transaction (a paused or stopped process): the server waits for the
-# rest of the pipeline, "active" reading from the client, which
-# idle_in_transaction_session_timeout does not cover, and would keep the lock
-# for ever, stopping every enqueue. Their sessions are ended; their
-# transactions roll back whole.
+# transaction (a paused or stopped process), seen by the server as waiting to
+# read from or write to it. In the middle of a pipeline the session is "active"
+# (idle_in_transaction_session_timeout does not cover it) and keeps the lock for
+# ever, stopping every enqueue; sessions left "idle in transaction" by a paused
+# worker were also seen holding it well past that timeout. Their sessions are
+# ended; their transactions roll back whole.
 END_FROZEN_QUEUE_HOLDERS = """
 SELECT a.pid, pg_terminate_backend(a.pid) FROM pg_locks l
 JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
   AND l.classid = %(k1)s::bigint::oid AND l.objid = %(k2)s::bigint::oid
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND a.state = 'active' AND a.wait_event = 'ClientRead'
+  AND a.state IN ('active', 'idle in transaction', 'idle in transaction (aborted)')
+  AND a.wait_event IN ('ClientRead', 'ClientWrite')
   AND a.state_change < now() - make_interval(secs => %(frozen)s)
   AND a.pid <> pg_backend_pid()
 """
