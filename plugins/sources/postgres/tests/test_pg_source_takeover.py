@@ -1,5 +1,5 @@
 """A capture holder's source and the replication slot a previous holder may still
-hold; a reader's cancellation arriving with its data."""
+hold; cancellations of a reader and of a closing stream that must not be lost."""
 
 from __future__ import annotations
 
