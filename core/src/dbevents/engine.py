@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -46,10 +47,25 @@ from dbevents.services import make_services
 from dbevents.values import ChangeBatch, Event, Position, Status
 
 log = structlog.get_logger("dbevents.engine")
+T = TypeVar("T")
 
 QUEUE_BATCHES = 8  # decoded batches buffered ahead of the store per source
 MAX_CHANGES_PER_TXN = 5000  # batches coalesced into one store transaction
 RETENTION_EVERY = 60.0  # seconds between retention sweeps
+CAPTURE_STOP_WAIT = 10.0  # seconds a capture that lost its lease has to stop
+
+
+async def _within(seconds: float, call: Awaitable[T]) -> T:
+    """``call``, or TimeoutError after ``seconds``. Not asyncio.wait_for: before
+    Python 3.12 it returns normally when the call completes just as the caller
+    is cancelled, and the cancellation is lost."""
+    async with asyncio.timeout(seconds):
+        return await call
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # the lease is gone: how the capture ended no longer matters
 
 
 def make_store(url: str, plugins: Plugins, config_dir: Any,
@@ -86,6 +102,8 @@ class Engine:
         counting = in_flight_counts(self.store)
         self.holder = counting.worker_id if counting is not None else \
             f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # source -> until when (monotonic) its lease is surely this process's.
+        self._lease_until: dict[str, float] = {}
         self.sinks: dict[str, Sink] = dict(sinks or {})
         for trigger in config.triggers:
             if trigger.sink not in self.sinks:
@@ -98,6 +116,8 @@ class Engine:
                 tables=self.matcher.tables_for(name),
                 operations=self.matcher.operations_for(name),
                 config_dir=config.dir, leased=self.leases is not None,
+                lease_held=(functools.partial(self._lease_held, name)
+                            if self.leases is not None else None),
             ))
         self.dispatcher = Dispatcher(self.store, config.triggers, self.sinks)
         self.observers = self.dispatcher.observers = make_observers(config, plugins)
@@ -189,12 +209,15 @@ class Engine:
         await self._anchor(name, source)
 
     # -- capture leases ----------------------------------------------------------
+    def _lease_held(self, name: str) -> bool:
+        return self._lease_until.get(name, 0.0) > time.monotonic()
+
     async def _acquire(self, name: str, leases: LeasesCapture) -> int | None:
         every = self.config.eventing.capture_lease / 3
         try:
-            token = await asyncio.wait_for(
-                leases.acquire_capture(name, self.holder, self.config.eventing.capture_lease),
-                every)
+            token = await _within(
+                every, leases.acquire_capture(name, self.holder,
+                                              self.config.eventing.capture_lease))
         except Exception as exc:  # a timeout too
             log.warning("capture lease: store unreachable; trying again", database=name,
                         error=str(exc) or type(exc).__name__, retry_in=round(every, 1))
@@ -244,7 +267,7 @@ class Engine:
         ttl = self.config.eventing.capture_lease
         every = ttl / 3
         # Counted from before the acquire was sent: never later than the store's expiry.
-        valid_until = asked + ttl
+        valid_until = self._lease_until[name] = asked + ttl
         capture: asyncio.Task[None] | None = None
         stopping = False
         try:
@@ -262,29 +285,32 @@ class Engine:
                     return "capture ended"
                 asked = time.monotonic()
                 try:
-                    kept = await asyncio.wait_for(
-                        leases.renew_capture(name, self.holder, token, ttl),
-                        max(0.05, valid_until - asked - every / 2))
+                    kept = await _within(max(0.05, valid_until - asked - every / 2),
+                                         leases.renew_capture(name, self.holder, token, ttl))
                 except Exception as exc:  # a timeout too
                     return f"renewing the lease failed: {str(exc) or type(exc).__name__}"
                 if not kept:
                     return "another process took the lease over"
-                valid_until = asked + ttl
+                valid_until = self._lease_until[name] = asked + ttl
         except CaptureLost as exc:
             return str(exc)
         except asyncio.CancelledError:
             stopping = True
             raise
         finally:
+            self._lease_until.pop(name, None)
             if capture is not None:
                 capture.cancel()
-                await asyncio.gather(capture, return_exceptions=True)
+                # Bounded: closing the source below ends whatever read is left.
+                capture.add_done_callback(_retrieve)
+                if not (await asyncio.wait({capture}, timeout=CAPTURE_STOP_WAIT))[0]:
+                    log.warning("capture did not stop in time; closing the source",
+                                database=name)
             with contextlib.suppress(Exception):
                 await source.close()
             if stopping:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(
-                        leases.release_capture(name, self.holder, token), 5.0)
+                    await _within(5.0, leases.release_capture(name, self.holder, token))
 
     async def _anchor(self, name: str, source: Source) -> None:
         """A database seen for the first time, whose source starts at "now": that

@@ -53,6 +53,13 @@ class SourceSettings:
     # callers that read the store (`dbevents status`, the admin metrics), so a
     # source whose reader position lives only in the store can measure its lag.
     checkpoint: Position | None = None
+    # With ``leased``: True while this process holds the source's capture lease,
+    # judged from its own clock and never later than the store would let the
+    # lease run out (False once a pause outlasted it). A source reading for the
+    # holder may then end a reader it finds attached, which can only be a
+    # previous holder's, fenced by the store, instead of waiting for the
+    # database to drop it. None: never end another reader.
+    lease_held: Callable[[], bool] | None = None
 
 
 @runtime_checkable

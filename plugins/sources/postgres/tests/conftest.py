@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -74,12 +74,15 @@ class PgEnv:
 
     def source(self, tables: Sequence[str] | None = None, operations: Sequence[str] = (),
                url: str | None = None, name: str | None = None,
+               lease_held: Callable[[], bool] | None = None,
                **options: Any) -> PostgresSource:
+        """``lease_held``: the source reads for a capture lease holder."""
         settings = SourceSettings(
             name=name or self.dbname, url=url or self.url,
             options=PostgresOptions(**options) if options else None,
             tables=frozenset(tables) if tables is not None else None,
-            operations=frozenset(operations))
+            operations=frozenset(operations),
+            leased=lease_held is not None, lease_held=lease_held)
         source = PostgresSource(settings)
         self._sources.append(source)
         return source

@@ -47,7 +47,8 @@ class Plan:
     slot_release_wait: float = 2.0  # a previous session's walsender may still be exiting
     # Capture is coordinated by a lease: the slot may still be read by the previous
     # holder's walsender (paused, or its connection not yet timed out). Opening
-    # the stream waits for it (ObjectInUse is retried up to reconnect_for).
+    # the stream ends it while the lease is held (SourceSettings.lease_held), or
+    # waits for it (ObjectInUse is retried up to reconnect_for).
     leased: bool = False
 
 
@@ -362,13 +363,14 @@ async def ensure_slot(conn: Conn, plan: Plan) -> bool:
             "still needed (max_slot_wal_keep_size), so changes were lost. Drop it "
             f"(`{command(f'postgres drop-slot {plan.database}')}`), then restart from now "
             f"with `{command(f'postgres reset-position {plan.database}')}`.")
-    deadline = time.monotonic() + plan.slot_release_wait
+    # Leased, the stream deals with a reader still attached: no wait here.
+    deadline = time.monotonic() + (0.0 if plan.leased else plan.slot_release_wait)
     while info.active and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
         info = await catalog.slot_info(conn, plan.slot) or info
     if info.active and plan.leased:
         log.info("replication slot still in use by the previous capture holder; the stream "
-                 "waits for it", slot=plan.slot, backend_pid=info.active_pid)
+                 "ends or waits for it", slot=plan.slot, backend_pid=info.active_pid)
         return False
     if info.active:
         raise SetupError(

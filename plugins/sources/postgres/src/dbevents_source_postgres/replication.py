@@ -241,7 +241,12 @@ class ReplicationStream:
 
         self._loop.add_reader(self._fd, wake)
         try:
-            await asyncio.wait_for(ready, self._receive_timeout)
+            # Not asyncio.wait_for: before Python 3.12 it returns normally when
+            # the socket turns readable just as the task is cancelled, and the
+            # cancellation is lost: the reader went on streaming after capture
+            # stopped, nobody waited for it, and its session kept the slot.
+            async with asyncio.timeout(self._receive_timeout):
+                await ready
         except TimeoutError:
             raise ConnectionLost(
                 f"no message from the server in {self._receive_timeout:g}s") from None
@@ -304,10 +309,13 @@ class ReplicationStream:
             return
         self._closed = True
         self._timer.cancel()
-        with contextlib.suppress(BaseException):
-            await self._timer
         if self._writer:
             with contextlib.suppress(Exception):
                 self._loop.remove_writer(self._fd)
         with contextlib.suppress(Exception):
             await self._conn.close()
+        # Not a suppressed `await self._timer`: that also swallowed a
+        # cancellation of the task closing the stream (a reader stopped just as
+        # its stream broke went on reconnecting). The session is closed first,
+        # so being cancelled here leaves nothing open.
+        await asyncio.wait({self._timer})

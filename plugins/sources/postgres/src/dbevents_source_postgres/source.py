@@ -136,6 +136,7 @@ class PostgresSource:
         self._confirmed = 0  # everything up to here is durable in the store
         self._slot_created = False  # start() made the slot: nothing older is kept
         self._yielded = 0  # the last checkpoint handed to the engine
+        self._cannot_end_reader = False  # not allowed to end another slot reader
         # Tables no trigger watches (published because of publish_all or FOR ALL
         # TABLES) still count in the change index, but make no Change.
         self._watched = settings.tables
@@ -304,25 +305,69 @@ class PostgresSource:
         await asyncio.sleep(delay)
 
     async def _open(self, resume: int) -> ReplicationStream:
-        try:
-            stream = await ReplicationStream.open(
-                self.settings.url, self.slot, [self.publication], resume, self._confirmed,
-                status_interval=self.options.status_interval,
-                receive_timeout=self.options.receive_timeout,
-                connect_timeout=self.options.connect_timeout)
-        except psycopg.Error as exc:
-            self._raise_if_setup(exc.sqlstate, exc)
-            if isinstance(exc, psycopg.errors.ObjectInUse):
-                raise ConnectionLost(_first_line(exc)) from None  # slot still held: retry
-            raise
-        except StreamError as exc:
-            self._raise_if_setup(exc.sqlstate, exc)
-            raise ConnectionLost(str(exc)) from None
+        ended = False
+        while True:
+            try:
+                stream = await ReplicationStream.open(
+                    self.settings.url, self.slot, [self.publication], resume, self._confirmed,
+                    status_interval=self.options.status_interval,
+                    receive_timeout=self.options.receive_timeout,
+                    connect_timeout=self.options.connect_timeout)
+                break
+            except psycopg.Error as exc:
+                self._raise_if_setup(exc.sqlstate, exc)
+                if isinstance(exc, psycopg.errors.ObjectInUse):
+                    if not ended and await self._end_previous_reader():
+                        ended = True
+                        continue
+                    raise ConnectionLost(_first_line(exc)) from None  # slot still held: retry
+                raise
+            except StreamError as exc:
+                self._raise_if_setup(exc.sqlstate, exc)
+                raise ConnectionLost(str(exc)) from None
         # The server starts at the slot's confirmed position when that is later.
         self._confirmed = max(self._confirmed, stream.slot_confirmed)
         log.info("replication stream started", database=self.settings.name, slot=self.slot,
                  start=format_lsn(max(resume, stream.slot_confirmed)))
         return stream
+
+    async def _end_previous_reader(self) -> bool:
+        """The slot is read by another session. While this process holds the
+        capture lease that can only be a previous holder (paused, or gone
+        without its connection closing), which the store fences: its walsender
+        is ended, rather than left until the server's wal_sender_timeout drops
+        it. True once the slot is free (or was ended and is about to be)."""
+        held = self.settings.lease_held
+        if held is None or not held() or self._cannot_end_reader:
+            return False
+        try:
+            conn = await self._catalog_conn()
+            cur = await conn.execute(
+                "SELECT active_pid, pg_terminate_backend(active_pid) FROM pg_replication_slots"
+                " WHERE slot_name = %s AND active_pid IS NOT NULL", (self.slot,))
+            row = await cur.fetchone()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            # Neither the other session's role nor a member of pg_signal_backend.
+            self._cannot_end_reader = True
+            log.warning("cannot end the previous reader of the replication slot; waiting for "
+                        "the server to drop it (wal_sender_timeout)", database=self.settings.name,
+                        slot=self.slot, error=_first_line(exc))
+            return False
+        except psycopg.Error:
+            return False  # the reconnect loop tries again
+        if row is None or not row[1]:
+            return True  # released meanwhile
+        log.warning("replication slot held by a previous capture holder: its session ended",
+                    database=self.settings.name, slot=self.slot, backend_pid=row[0])
+        # The walsender exits at its next interrupt check: the slot is free
+        # within moments.
+        deadline = time.monotonic() + self.slot_release_wait
+        while time.monotonic() < deadline:
+            info = await catalog.slot_info(conn, self.slot)
+            if info is None or not info.active:
+                break
+            await asyncio.sleep(0.05)
+        return True
 
     def _raise_if_setup(self, sqlstate: str | None, exc: BaseException) -> None:
         if sqlstate and sqlstate.startswith(_SETUP_STATES):

@@ -58,6 +58,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
+import structlog
 from dbevents.errors import CaptureLost
 from dbevents.values import Event, Finish, Position, Status
 from psycopg import sql
@@ -75,6 +76,8 @@ from dbevents_store_postgres.rows import (
 )
 from dbevents_store_postgres.schema import render
 from dbevents_store_postgres.url import Location
+
+log = structlog.get_logger("dbevents.store.postgres")
 
 Conn = psycopg.AsyncConnection[Any]
 Row = tuple[str, str]  # (trigger_name, row_key)
@@ -287,6 +290,31 @@ ORDER BY e.due_at LIMIT 1
 """
 
 
+# The holders of the queue lock whose client has been frozen in the middle of a
+# transaction (a paused or stopped process), seen by the server as waiting to
+# read from or write to it. In the middle of a pipeline the session is "active"
+# (idle_in_transaction_session_timeout does not cover it) and keeps the lock for
+# ever, stopping every enqueue; sessions left "idle in transaction" by a paused
+# worker were also seen holding it well past that timeout. Their sessions are
+# ended; their transactions roll back whole.
+END_FROZEN_QUEUE_HOLDERS = """
+SELECT a.pid, pg_terminate_backend(a.pid) FROM pg_locks l
+JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+  AND l.classid = %(k1)s::bigint::oid AND l.objid = %(k2)s::bigint::oid
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND a.state IN ('active', 'idle in transaction', 'idle in transaction (aborted)')
+  AND a.wait_event IN ('ClientRead', 'ClientWrite')
+  AND a.state_change < now() - make_interval(secs => %(frozen)s)
+  AND a.pid <> pg_backend_pid()
+"""
+# An enqueue waits this long for the queue lock (others hold it for
+# milliseconds) before it looks for a frozen holder and is tried again; a
+# holder silent this long in the middle of a pipeline is taken for frozen.
+ENQUEUE_LOCK_TIMEOUT = "1s"
+FROZEN_AFTER = 2.0
+
+
 class Statements:
     """The statements above for one schema, rendered once."""
 
@@ -374,17 +402,35 @@ async def _insert(conn: Conn, q: Statements, statement: sql.Composed,
     leases of the sources they come from; the insert's cursor."""
     cur = None
     fences = fences_for(fences or {}, events, checkpoints)
-    async with conn.pipeline(), conn.transaction():
-        fence = await check_fences(conn, q, fences)
-        if events:
-            await lock_queue(conn, q, exclusive=True)
-            cur = await conn.execute(statement, params)
-        if checkpoints:
-            await conn.execute(q.upsert_checkpoints, {
-                "source": list(checkpoints), "now": now,
-                "position": [p.value for p in checkpoints.values()]})
-        await fenced(fence, fences)
+    try:
+        async with conn.pipeline(), conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{ENQUEUE_LOCK_TIMEOUT}'")
+            fence = await check_fences(conn, q, fences)
+            if events:
+                await lock_queue(conn, q, exclusive=True)
+                cur = await conn.execute(statement, params)
+            if checkpoints:
+                await conn.execute(q.upsert_checkpoints, {
+                    "source": list(checkpoints), "now": now,
+                    "position": [p.value for p in checkpoints.values()]})
+            await fenced(fence, fences)
+    except psycopg.errors.LockNotAvailable:
+        # Rolled back; the caller tries again (StoreUnavailable), past a
+        # frozen holder if that was what it waited for.
+        await end_frozen_queue_holders(conn, q)
+        raise
     return cur
+
+
+async def end_frozen_queue_holders(conn: Conn, q: Statements) -> list[int]:
+    k1, k2 = q.queue_key
+    rows = await (await conn.execute(END_FROZEN_QUEUE_HOLDERS, {
+        "k1": k1, "k2": k2 & 0xFFFFFFFF, "frozen": FROZEN_AFTER})).fetchall()
+    ended = [int(r[0]) for r in rows if r[1]]
+    if ended:
+        log.warning("ended sessions frozen in the middle of a transaction, holding the "
+                    "queue lock", backend_pids=ended)
+    return ended
 
 
 async def enqueue(conn: Conn, q: Statements, events: Sequence[Event],
