@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import random
-import re
-import subprocess
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from pymysql.constants import CLIENT
+
+from testsupport import pgbench
 
 if TYPE_CHECKING:
     from testsupport.servers import MariaDBServer, PostgresServer
@@ -191,27 +191,19 @@ def my_inserts(server: MariaDBServer, db: str, n: int) -> None:
         conn.close()
 
 
-PGBENCH_TABLES = ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history")
+PGBENCH_TABLES = pgbench.TABLES
 
 
 def pgbench_init(server: PostgresServer, db: str, scale: int) -> str:
     server.create_database(db)
-    subprocess.run([str(server.bindir / "pgbench"), "-i", "-q", "-s", str(scale),
-                    server.dsn(db)], check=True, capture_output=True)
+    pgbench.init(server, db, scale)
     return db
 
 
 def pgbench_run(server: PostgresServer, db: str, seconds: int, clients: int) -> dict[str, float]:
-    """pgbench's built-in TPC-B-like script; -n: no vacuum (it would TRUNCATE
-    pgbench_history, a change of another kind than the script's)."""
-    out = subprocess.run([str(server.bindir / "pgbench"), "-n", "-T", str(seconds),
-                          "-c", str(clients), "-j", str(clients), server.dsn(db)],
-                         check=True, capture_output=True, text=True).stdout
-    txns = re.search(r"number of transactions actually processed: (\d+)", out)
-    tps = re.search(r"tps = ([\d.]+)", out)
-    if not txns or not tps:
-        raise RuntimeError(f"unexpected pgbench output:\n{out}")
-    return {"transactions": int(txns.group(1)), "tps": float(tps.group(1))}
+    """pgbench's built-in TPC-B-like script, no vacuum (testsupport.pgbench)."""
+    result = pgbench.run(server, db, "-T", str(seconds), "-c", str(clients), "-j", str(clients))
+    return {"transactions": result.transactions, "tps": result.tps}
 
 
 def table_counters(server: PostgresServer, db: str) -> dict[str, tuple[int, int, int]]:
