@@ -4,16 +4,22 @@ others stand by and deliver. When the holder is killed (-9) a standby takes
 over from the stored checkpoint; a holder paused past its lease (SIGSTOP) and
 then resumed is fenced: it stores and confirms nothing it read after the pause.
 Throughout, every change is delivered, the log holds one event per change, no
-event id twice, and each row's events arrive in order."""
+event id twice, and each row's events arrive in order. The kill -9 test runs
+twice: under a writer of its own, and under pgbench's TPC-B-like script (scale
+1, REPLICA IDENTITY FULL): there, each table's events count pgbench's
+transactions, and each row's updates, first receipts in order, form a chain
+(every `old` the previous `doc`) ending at the row as it is now."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +30,7 @@ import pytest
 
 from tests.e2e import Dbevents, cli, events
 from tests.test_e2e_crash import writer
+from testsupport import pgbench
 from testsupport.receiver import Reply, ThreadedReceiver
 from testsupport.servers import PostgresServer
 
@@ -47,6 +54,24 @@ url = "{hooks}/all"
 concurrency = 8
 """
 
+PGBENCH_UPDATED = ("pgbench_accounts", "pgbench_tellers", "pgbench_branches")
+
+
+def write_configs(postgres_server: PostgresServer, tmp_path: Path, receiver: ThreadedReceiver,
+                  db: str, store_db: str, trigger: str = "") -> list[Path]:
+    """Three configs alike (a log file each); ``trigger``: more TOML lines for
+    the trigger."""
+    receiver.script("/all", Reply(delay=(0.0, 0.01)))
+    configs = []
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        config = tmp_path / name / "dbevents.toml"
+        config.write_text(CONFIG.format(store=postgres_server.dsn(store_db), lease=LEASE,
+                                        source=postgres_server.dsn(db),
+                                        hooks=receiver.url("").rstrip("/")) + trigger)
+        configs.append(config)
+    return configs
+
 
 @pytest.fixture
 def setup(postgres_server: PostgresServer, tmp_path: Path,
@@ -57,20 +82,37 @@ def setup(postgres_server: PostgresServer, tmp_path: Path,
     postgres_server.execute(
         "CREATE TABLE items (id int PRIMARY KEY, v int NOT NULL);"
         "ALTER TABLE items REPLICA IDENTITY FULL", dbname=db)
-    receiver.script("/all", Reply(delay=(0.0, 0.01)))
-    configs = []
-    for name in ("a", "b", "c"):
-        (tmp_path / name).mkdir()
-        config = tmp_path / name / "dbevents.toml"
-        config.write_text(CONFIG.format(store=postgres_server.dsn(store_db), lease=LEASE,
-                                        source=postgres_server.dsn(db),
-                                        hooks=receiver.url("").rstrip("/")))
-        configs.append(config)
+    configs = write_configs(postgres_server, tmp_path, receiver, db, store_db)
     conn = postgres_server.connect(db)
     try:
         yield configs, conn
     finally:
         conn.close()
+        postgres_server.drop_database(db)
+        postgres_server.drop_database(store_db)
+
+
+@pytest.fixture
+def pgbench_setup(postgres_server: PostgresServer, tmp_path: Path,
+                  receiver: ThreadedReceiver) -> Iterator[tuple[list[Path], str]]:
+    """As `setup`, on a source database `pgbench -i -s 1` filled (before any
+    capture: the load is not captured); the trigger watches pgbench's four
+    tables, the three updated ones with REPLICA IDENTITY FULL (each update
+    carries the old row). Yields the configs and the source database's name."""
+    db = postgres_server.create_database(f"standby_pgb_{uuid.uuid4().hex[:8]}")
+    store_db = postgres_server.create_database(f"standby_ev_{uuid.uuid4().hex[:8]}")
+    try:
+        pgbench.init(postgres_server, db, scale=1)
+        postgres_server.execute(";".join(f"ALTER TABLE {t} REPLICA IDENTITY FULL"
+                                         for t in PGBENCH_UPDATED), dbname=db)
+        # A killed holder's claimed events, and so their rows' later events,
+        # wait until the claims' leases run out: 2 x the trigger's timeout +
+        # 30 s. At scale 1 pgbench_branches has one row and pgbench_history no
+        # key (one row to dbevents): every event of the two waits. A timeout
+        # of 2 s instead of 5 s keeps that wait 6 s shorter.
+        trigger = f"tables = {json.dumps(list(pgbench.TABLES))}\ntimeout = 2000\n"
+        yield write_configs(postgres_server, tmp_path, receiver, db, store_db, trigger), db
+    finally:
         postgres_server.drop_database(db)
         postgres_server.drop_database(store_db)
 
@@ -189,6 +231,97 @@ def test_a_standby_takes_over_from_a_killed_holder(setup: tuple[list[Path], Any]
     finally:
         done.wait(60)
         stop_all(runs[1:])
+
+
+def check_pgbench_delivery(receiver: ThreadedReceiver, config: Path,
+                           want: dict[tuple[str, str], int]
+                           ) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Every change delivered (events per table and type as counted), one
+    event per change in the log, no id twice; for each row, its updates'
+    first receipts form a chain: each one's `old` is the previous one's `doc`.
+    Returns the chains, per (table, docId), of the updates' `data`."""
+    total = sum(want.values())
+
+    def first_receipts() -> dict[str, dict[str, Any]]:
+        bodies: dict[str, dict[str, Any]] = {}
+        for r in receiver.requests("/all"):
+            body = r.json()
+            if body["id"] in bodies:
+                # A redelivery of an attempt in flight at the kill: same content.
+                assert bodies[body["id"]] == body
+                continue
+            bodies[body["id"]] = body
+        return bodies
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(first_receipts()) < total:
+        time.sleep(0.5)
+    wait_delivered(config, total)
+    bodies = first_receipts()
+    got = Counter((b["data"]["col"], b["type"]) for b in bodies.values())
+    assert got == want, "every change delivered, once"
+    ids = [r["id"] for r in events(config)]
+    assert len(ids) == len(set(ids)) == total, "one event per change, no id twice"
+    assert set(ids) == set(bodies)
+    chains: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for body in bodies.values():  # first receipts, in receipt order
+        if body["type"] == "DB_UPDATE":
+            chains.setdefault((body["data"]["col"], body["data"]["docId"]), []).append(
+                body["data"])
+    assert {col for col, _ in chains} == set(PGBENCH_UPDATED)
+    for row, chain in chains.items():
+        for i in range(1, len(chain)):
+            assert chain[i]["old"] == chain[i - 1]["doc"], (
+                f"{row}: update {i} does not follow update {i - 1}:\n"
+                f"{chain[i - 1]}\n{chain[i]}")
+    return chains
+
+
+def test_a_standby_takes_over_from_a_killed_holder_while_pgbench_writes(
+        pgbench_setup: tuple[list[Path], str], receiver: ThreadedReceiver,
+        postgres_server: PostgresServer) -> None:
+    configs, db = pgbench_setup
+    runs: list[Dbevents] = []
+    clients, per_client = 2, 200
+    bench: subprocess.Popen[str] | None = None
+    try:
+        runs = start_all(configs)
+        # Rate-limited (-R, all clients together) so the writes go on through
+        # the takeover rather than ending before the kill.
+        bench = pgbench.start(postgres_server, db, "-c", str(clients), "-j", str(clients),
+                              "-t", str(per_client), "-R", "40")
+        deadline = time.monotonic() + 60
+        while len(receiver.requests("/all")) < 100:
+            assert time.monotonic() < deadline, "no events from pgbench's writes"
+            time.sleep(0.05)
+        runs[0].kill()
+        new = wait_for_holder(runs[1:], TAKEOVER_BOUND)
+        assert new.wait_for_log("capture lease acquired")["token"] == 2
+        result = pgbench.wait(bench, timeout=120)
+        # The count is exact from pgbench itself: -t runs a fixed number of
+        # transactions per client, pgbench.wait fails on any failed one, and
+        # each committed TPC-B transaction updates one account, one teller and
+        # one branch and inserts one history row. (The table counters of
+        # pg_stat_user_tables would also count rows of aborted transactions.)
+        assert result.transactions == clients * per_client
+        n = result.transactions
+        assert postgres_server.execute("SELECT count(*) FROM pgbench_history",
+                                       dbname=db) == [(n,)]
+        want = {("pgbench_accounts", "DB_UPDATE"): n, ("pgbench_tellers", "DB_UPDATE"): n,
+                ("pgbench_branches", "DB_UPDATE"): n, ("pgbench_history", "DB_INSERT"): n}
+        chains = check_pgbench_delivery(receiver, configs[0], want)
+        # Each chain ends at the row as it is now.
+        for (table, doc_id), chain in chains.items():
+            key = {"pgbench_accounts": "aid", "pgbench_tellers": "tid",
+                   "pgbench_branches": "bid"}[table]
+            assert postgres_server.execute(
+                f"SELECT to_jsonb(t) FROM {table} t WHERE {key} = %s", (int(doc_id),),
+                dbname=db) == [(chain[-1]["doc"],)], (table, doc_id)
+    finally:
+        if bench is not None and bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        stop_all([run for run in runs if run.proc is not None and run.proc.poll() is None])
 
 
 def test_a_paused_holder_is_fenced_when_it_resumes(setup: tuple[list[Path], Any],
