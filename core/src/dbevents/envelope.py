@@ -129,7 +129,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def payload(change: Change, id_: str, source_id: str) -> dict[str, Any]:
+def _data(change: Change) -> dict[str, Any]:
     data: dict[str, Any] = {
         "db": change.db_type,
         "col": change.table,
@@ -138,6 +138,11 @@ def payload(change: Change, id_: str, source_id: str) -> dict[str, Any]:
     }
     if change.extra:
         data.update(change.extra)
+    return data
+
+
+def payload(change: Change, id_: str, source_id: str) -> dict[str, Any]:
+    data = _data(change)
     return {
         "specversion": "1.0",
         "id": id_,
@@ -178,14 +183,7 @@ _TYPES = {op: (op.event_type, op.event_type.encode()) for op in Operation}
 
 
 def _envelope(change: Change, id_: str, source_id: str) -> bytes:
-    data: dict[str, Any] = {
-        "db": change.db_type,
-        "col": change.table,
-        "docId": change.doc_id,
-        "doc": change.doc,
-    }
-    if change.extra:
-        data.update(change.extra)
+    data = _data(change)
     body, escaped = _dumps(data)
     source = _sources.get(source_id)
     if source is None:
