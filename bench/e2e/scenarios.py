@@ -344,7 +344,7 @@ def _run_notes(res: Results, key: str, pipeline: list[Run], ceil: list[Run],
     if split:
         res.note(key, "CPU per event by thread (medians): the event loop "
                  f"{_median([g['main_cpu_us'] for g in split]):,.0f} µs, the other threads "
-                 f"(the store's: SQLite's worker, or the PostgreSQL driver's) "
+                 f"(the webhook transport's curl thread, SQLite's worker) "
                  f"{_median([g['other_cpu_us'] for g in split]):,.0f} µs; the event-loop "
                  f"thread was on a CPU {_median([g['loop_busy'] for g in split]):.0%} of the "
                  "time (a CPU-bound event loop is near 100%)")
