@@ -197,6 +197,47 @@ def lsn(text: str) -> int:
     return int(high, 16) << 32 | int(low, 16)
 
 
+def logged_after(run: Dbevents, offset: int) -> list[dict[str, Any]]:
+    """The JSON lines ``run`` logged after ``offset`` bytes of its log file."""
+    with run.log.open("rb") as f:
+        f.seek(offset)
+        data = f.read()
+    data = data[: data.rfind(b"\n") + 1]
+    return [json.loads(x) for x in data.decode().splitlines() if x.startswith("{")]
+
+
+def pause_until_taken_over(old: Dbevents, standbys: list[Dbevents],
+                           then: str | None = None) -> tuple[Dbevents, int]:
+    """SIGSTOP ``old`` until a standby holds the lease (and, with ``then``, has
+    logged that line), let changes go on for a second, SIGCONT; the new holder
+    and the size of ``old``'s log at the resume."""
+    assert old.proc is not None
+    os.kill(old.proc.pid, signal.SIGSTOP)
+    try:
+        new = wait_for_holder(standbys, TAKEOVER_BOUND)
+        if then is not None:
+            new.wait_for_log(then)
+        # Changes go on while the old holder is paused: its stream has them
+        # waiting when it resumes.
+        time.sleep(1.0)
+    finally:
+        resumed_at = old.log.stat().st_size
+        os.kill(old.proc.pid, signal.SIGCONT)
+    return new, resumed_at
+
+
+def check_fenced(old: Dbevents, new: Dbevents, resumed_at: int,
+                 order: Callable[[str], Any]) -> None:
+    """Nothing the old holder read after its pause was stored (and so
+    confirmed: confirm follows a committed store write). A write it committed
+    before the takeover may be logged after the resume (its reply read late, or
+    its line written at the end of an event-loop pass); that lies at or before
+    where the new holder began. ``order``: a logged position as a sortable key."""
+    since = order(new.wait_for_log("capture starting")["since"])
+    late = [x for x in logged_after(old, resumed_at) if x.get("event") == "captured"]
+    assert all(x["checkpoint"] and order(x["checkpoint"]) <= since for x in late), late
+
+
 def wait_delivered(config: Path, count: int) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -339,31 +380,14 @@ def test_a_paused_holder_is_fenced_when_it_resumes(setup: tuple[list[Path], Any]
         thread.start()
         while len(receiver.requests("/all")) < 100:
             time.sleep(0.05)
-        os.kill(old.proc.pid, signal.SIGSTOP)
-        try:
-            new = wait_for_holder(runs[1:], TAKEOVER_BOUND)
-            # Changes go on while the old holder is paused: its stream has them
-            # waiting when it resumes.
-            time.sleep(1.0)
-        finally:
-            resumed_at = old.log.stat().st_size
-            os.kill(old.proc.pid, signal.SIGCONT)
+        new, resumed_at = pause_until_taken_over(old, runs[1:])
         lost = old.wait_for_log("capture lease lost; capture stopped", timeout=60)
         assert lost["token"] == 1
         thread.join()
         wait_delivered(configs[0], len(log))
         check_delivery(receiver, configs[0], log)
-        # Fenced: nothing the old holder read after its pause was stored (and
-        # so confirmed: confirm follows a committed store write). A write it
-        # committed before the takeover may be logged after the resume, its
-        # reply read late; that lies at or before where the new holder began.
         assert new.wait_for_log("capture lease acquired")["token"] == 2
-        since = lsn(new.wait_for_log("capture starting")["since"])
-        with old.log.open("rb") as f:
-            f.seek(resumed_at)
-            after = [json.loads(x) for x in f.read().decode().splitlines() if x.startswith("{")]
-        late = [x for x in after if x.get("event") == "captured"]
-        assert all(x["checkpoint"] and lsn(x["checkpoint"]) <= since for x in late), late
+        check_fenced(old, new, resumed_at, lsn)
         # It stays up, as a standby that delivers.
         assert old.proc.poll() is None
     finally:

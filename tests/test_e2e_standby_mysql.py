@@ -11,8 +11,6 @@ twice, and each row's events arrive in order."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
 import uuid
@@ -26,8 +24,13 @@ import pytest
 from tests.e2e import Dbevents, cli
 from tests.test_e2e_crash import writer
 from tests.test_e2e_standby import (
+    LEASE,
+    TAKEOVER_BOUND,
     check_delivery,
+    check_fenced,
     has,
+    logged_after,
+    pause_until_taken_over,
     start_all,
     wait_delivered,
     wait_for_holder,
@@ -35,8 +38,6 @@ from tests.test_e2e_standby import (
 from testsupport.receiver import Reply, ThreadedReceiver
 from testsupport.servers import MariaDBServer, PostgresServer
 
-LEASE = 3.0  # seconds: [eventing] capture_lease
-TAKEOVER_BOUND = LEASE + LEASE / 3 + 10.0  # slack for start-up and a loaded machine
 CHANGES = 1000
 
 CONFIG = """
@@ -96,15 +97,6 @@ def binlog(text: str) -> tuple[str, int]:
     return file, int(pos)
 
 
-def after(run: Dbevents, offset: int) -> list[dict[str, Any]]:
-    """The JSON lines ``run`` logged after ``offset`` bytes of its log file."""
-    with run.log.open("rb") as f:
-        f.seek(offset)
-        data = f.read()
-    data = data[: data.rfind(b"\n") + 1]
-    return [json.loads(x) for x in data.decode().splitlines() if x.startswith("{")]
-
-
 def test_a_standby_takes_over_the_binlog_from_a_killed_holder(
         setup: tuple[list[Path], Any], receiver: ThreadedReceiver) -> None:
     configs, transaction = setup
@@ -153,30 +145,16 @@ def test_a_paused_holder_is_fenced_and_its_reader_closed(
         thread.start()
         while len(receiver.requests("/all")) < 100:
             time.sleep(0.05)
-        os.kill(old.proc.pid, signal.SIGSTOP)
-        try:
-            new = wait_for_holder(runs[1:], TAKEOVER_BOUND)
-            new.wait_for_log("reading the binlog")
-            # Changes go on while the old holder is paused.
-            time.sleep(1.0)
-        finally:
-            resumed_at = old.log.stat().st_size
-            os.kill(old.proc.pid, signal.SIGCONT)
+        new, resumed_at = pause_until_taken_over(old, runs[1:], then="reading the binlog")
         lost = old.wait_for_log("capture lease lost; capture stopped", timeout=60)
         assert lost["token"] == 1
         thread.join()
         wait_delivered(configs[0], len(log))
         check_delivery(receiver, configs[0], log)
-        # Nothing the old holder read after its pause was stored, and its
-        # reader, whose dump the new holder's replaced, did not reconnect (that
-        # would end the new holder's dump in turn). A write it committed before
-        # the takeover may be logged after the resume (log lines go out at the
-        # end of an event-loop pass); that lies at or before where the new
-        # holder began.
-        since = binlog(new.wait_for_log("capture starting")["since"])
-        late = [x for x in after(old, resumed_at) if x.get("event") == "captured"]
-        assert all(x["checkpoint"] and binlog(x["checkpoint"]) <= since for x in late), late
-        resumed = [x.get("event") for x in after(old, resumed_at)]
+        # Fenced, and its reader, whose dump the new holder's replaced, did not
+        # reconnect (that would end the new holder's dump in turn).
+        check_fenced(old, new, resumed_at, binlog)
+        resumed = [x.get("event") for x in logged_after(old, resumed_at)]
         assert "binlog connection lost; reconnecting" not in resumed
         assert not has(new, "binlog connection lost; reconnecting")
         assert new.wait_for_log("capture lease acquired")["token"] == 2
